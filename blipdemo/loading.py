@@ -1,0 +1,430 @@
+"""Checkpoint resolution, strict loading, 8-bit / 4-bit LMs and device maps.
+
+- A hub id is fetched with ``huggingface_hub.snapshot_download`` (progress bars in the terminal; only
+  JSON, safetensors and tokenizer files — never a pickle); a local folder is used as it is.
+- Our modules (``vision_model``, ``qformer``, ``query_tokens``, ``language_projection``) are built on
+  the meta device and filled from the safetensors shards with ``load_state_dict(strict=True,
+  assign=True)`` after a check that names every missing, unexpected or misshaped key.
+- The LM is loaded by transformers' ``from_pretrained`` from the same files (``language_model.`` keys,
+  via ``key_mapping``), so ``BitsAndBytesConfig``, ``device_map``, ``max_memory`` and cpu/disk offload
+  behave exactly as transformers users expect. Its loading report is checked just as strictly.
+- Device maps are planned for the whole stack with accelerate on meta tensors: the vision encoder,
+  Q-Former and projection stay together on the first device (with room reserved for them), and the LM
+  is split with its own no-split rules (a decoder layer is never cut).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Blip2Config,
+    InstructBlipConfig,
+)
+
+from .model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+LM_PREFIX = "language_model."
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "qformer_tokenizer/*"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+STRING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used; the message names the folder, the file or the key."""
+
+
+class CheckpointUnavailable(CheckpointError):
+    """A hub checkpoint that cannot be fetched (no network) and is not in the local cache."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local folder as it is, or a hub id downloaded (or found in the cache) into a local snapshot."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{str(path)!r} is a file; a checkpoint is a folder (config.json + safetensors).")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"No checkpoint folder at {name!r}, and it is not a hub id of the form 'owner/name'.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError) as e:
+        raise CheckpointError(f"{name!r} is not a model on the Hugging Face Hub that we can read: {e}") from e
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise CheckpointUnavailable(
+            f"{name!r} cannot be fetched (no connection to the Hugging Face Hub?) and is not in the local cache."
+        ) from e
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (sharded or not); pickles are refused, never opened."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards named in {index.name} are missing: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}). Pickle files can run arbitrary code "
+            "when loaded, so blipdemo reads safetensors only: convert the checkpoint with "
+            "`save_pretrained(..., safe_serialization=True)` in a trusted environment."
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
+
+
+def read_config(folder: Path) -> InstructBlipConfig | Blip2Config:
+    """The checkpoint's transformers config; only InstructBLIP and BLIP-2 configs are accepted."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json.")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if not isinstance(config, InstructBlipConfig | Blip2Config):
+        raise CheckpointError(
+            f"{folder} is a {type(config).__name__} checkpoint; blipdemo loads InstructBLIP and BLIP-2 checkpoints."
+        )
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Our modules
+def read_core_state(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint that is not the LM's."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not iteration
+                if not key.startswith(LM_PREFIX):
+                    state[key] = f.get_tensor(key)
+    return state
+
+
+def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ``CheckpointError`` naming every missing, unexpected and misshaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if misshaped:
+        problems.append("wrong shapes: " + "; ".join(misshaped))
+    if problems:
+        raise CheckpointError(f"{where} does not match its config.json — " + " | ".join(problems))
+
+
+def load_core(vlm: VisionLanguageModel, state: dict[str, torch.Tensor], where: str) -> None:
+    """Fill the meta-device core modules of ``vlm`` from ``state`` (strict, by assignment)."""
+    expected = {"query_tokens": tuple(vlm.query_tokens.shape)}
+    for prefix, module in vlm.core_modules().items():
+        expected.update({f"{prefix}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    check_keys(expected, state, where)
+    for prefix, module in vlm.core_modules().items():
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(part, strict=True, assign=True)
+    vlm.query_tokens = torch.nn.Parameter(state["query_tokens"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and dtypes
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None/"auto": bfloat16 where the device runs it natively, float16 on older GPUs, else float32."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16}
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype not in (None, "auto"):
+        if str(dtype).lower() not in names:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16 (or None), got {dtype!r}")
+        return names[str(dtype).lower()]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but this machine has no usable CUDA GPU.")
+    return device
+
+
+def _as_torch_device(value) -> torch.device:
+    return torch.device(f"cuda:{value}") if isinstance(value, int) else torch.device(value)
+
+
+def _core_names(config) -> list[str]:
+    return ["vision_model", "query_tokens", "qformer", "language_projection"]
+
+
+def _lm_class(config):
+    return AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
+
+
+def plan_device_map(
+    config,
+    device_map,
+    *,
+    max_memory: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> dict[str, int | str]:
+    """A device for every part of the stack, planned on meta tensors (no GPU needed to plan).
+
+    ``device_map``: "auto" | "balanced" | "balanced_low_0" | "sequential" | a dict over the whole model's
+    module names (``vision_model``, ``qformer``, ``language_model.model.layers.3``, ``""`` …).
+    Returns a dict over whole-model names; the core modules share the first device.
+    """
+    if isinstance(device_map, dict):
+        return _normalize_dict_map(device_map)
+    if device_map not in STRING_DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {STRING_DEVICE_MAPS}, a dict, or None; got {device_map!r}")
+    from accelerate import init_empty_weights
+    from accelerate.utils import CustomDtype, get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    with init_empty_weights():
+        core = VisionLanguageModel(config)
+        lm = _lm_class(config).from_config(config.text_config)
+    core_bytes = sum(p.numel() for p in core.parameters()) * torch.finfo(dtype).bits // 8
+    max_memory = get_max_memory(dict(max_memory) if max_memory else None)
+    gpus = [k for k in max_memory if isinstance(k, int)]
+    first = gpus[0] if gpus else "cpu"
+    if max_memory[first] < core_bytes:
+        raise ValueError(
+            f"The vision encoder and Q-Former need {core_bytes / 2**20:.0f} MiB on device {first!r}, "
+            f"but max_memory allows {max_memory[first] / 2**20:.0f} MiB there."
+        )
+    max_memory[first] -= core_bytes  # room for our modules beside the first LM layers
+    plan_dtype = CustomDtype.INT4 if load_in_4bit else torch.int8 if load_in_8bit else dtype
+    no_split = list(lm._no_split_modules or [])
+    if device_map.startswith("balanced"):
+        max_memory = get_balanced_memory(
+            lm, max_memory, no_split_module_classes=no_split, dtype=plan_dtype,
+            low_zero=device_map == "balanced_low_0",
+        )
+    lm_map = infer_auto_device_map(lm, max_memory=max_memory, no_split_module_classes=no_split, dtype=plan_dtype)
+    plan: dict[str, int | str] = dict.fromkeys(_core_names(config), first)
+    for name, where in lm_map.items():
+        plan[f"{LM_PREFIX}{name}" if name else LM_PREFIX[:-1]] = where
+    return plan
+
+
+def _normalize_dict_map(device_map: dict) -> dict[str, int | str]:
+    """A user's dict: {"": d} → everything on d; otherwise the core parts must name one device."""
+    if "" in device_map:
+        if len(device_map) > 1:
+            raise ValueError("A device_map with the key '' puts everything on one device; give no other keys.")
+        where = device_map[""]
+        return {"vision_model": where, "query_tokens": where, "qformer": where, "language_projection": where,
+                "language_model": where}
+    plan = dict(device_map)
+    core = {plan.get(name) for name in ("vision_model", "query_tokens", "qformer", "language_projection")}
+    core.discard(None)
+    if len(core) > 1:
+        raise ValueError(
+            "vision_model, query_tokens, qformer and language_projection must share one device "
+            f"(they run as one block), got {sorted(map(str, core))}."
+        )
+    lm_keys = [k for k in plan if k == "language_model" or k.startswith(LM_PREFIX)]
+    if not lm_keys:
+        raise ValueError("The device_map names no language_model modules.")
+    default = core.pop() if core else plan[lm_keys[0]]
+    for name in ("vision_model", "query_tokens", "qformer", "language_projection"):
+        plan.setdefault(name, default)
+    unknown = [k for k in plan if k not in _core_names(None) and k not in lm_keys]
+    if unknown:
+        raise ValueError(f"Unknown module names in device_map: {unknown}")
+    return plan
+
+
+def _lm_part(plan: dict[str, int | str]) -> dict[str, int | str]:
+    return {("" if k == "language_model" else k[len(LM_PREFIX):]): v for k, v in plan.items()
+            if k == "language_model" or k.startswith(LM_PREFIX)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The LM
+@contextmanager
+def _quiet_transformers():
+    """transformers prints a table of the non-LM keys as 'unexpected'; we check them ourselves."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def load_language_model(
+    folder: Path,
+    config,
+    core_keys: set[str],
+    *,
+    dtype: torch.dtype,
+    device_map: dict,
+    load_in_8bit: bool,
+    load_in_4bit: bool,
+    offload_folder: str | None,
+):
+    """The LM through transformers' ``from_pretrained`` on the checkpoint's ``language_model.*`` keys."""
+    kwargs: dict = {
+        "config": config.text_config,
+        "key_mapping": {"^" + re.escape(LM_PREFIX): ""},
+        "dtype": dtype,
+        "device_map": device_map,
+        "output_loading_info": True,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+    }
+    if load_in_8bit or load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_in_8bit,
+            load_in_4bit=load_in_4bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if offload_folder:
+        kwargs["offload_folder"] = offload_folder
+    with _quiet_transformers():
+        lm, info = _lm_class(config).from_pretrained(folder, **kwargs)
+    problems = []
+    if info["missing_keys"]:
+        problems.append("missing keys: " + ", ".join(LM_PREFIX + k for k in sorted(info["missing_keys"])))
+    if info["mismatched_keys"]:
+        problems.append("wrong shapes: " + ", ".join(LM_PREFIX + str(k[0]) for k in info["mismatched_keys"]))
+    stray = sorted(k for k in info["unexpected_keys"] if k not in core_keys)
+    if stray:
+        problems.append("unexpected keys: " + ", ".join(LM_PREFIX + k for k in stray))
+    if problems:
+        raise CheckpointError(f"{folder}: the language model does not match its config — " + " | ".join(problems))
+    lm.eval()
+    if hasattr(lm, "_hf_hook"):
+        lm._hf_hook.io_same_device = True  # generate() gets its outputs back on the input device
+    return lm
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+def load(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    *,
+    offload_folder: str | None = None,
+    revision: str | None = None,
+    cache_size: int = 16,
+) -> VisionLanguageModel:
+    """Load an InstructBLIP / BLIP-2 checkpoint (hub id or local folder) into a ``VisionLanguageModel``.
+
+    ``dtype``: None (bfloat16 where the device supports it, else float32) | "float32" | "bfloat16" |
+    "float16". ``device``: "cpu", "cuda", "cuda:1"… (None: cuda if available). ``device_map`` /
+    ``max_memory``: split the LM over several devices (accelerate). ``load_in_8bit`` / ``load_in_4bit``:
+    bitsandbytes LM weights; the vision encoder and Q-Former stay in ``dtype``.
+    """
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("Choose one of load_in_8bit and load_in_4bit.")
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    folder = resolve_checkpoint(name_or_path, revision)
+    config = read_config(folder)
+    files = weight_files(folder)
+
+    if device_map is None:
+        core_device = resolve_device(device)
+        dtype = resolve_dtype(dtype, core_device)
+        plan = {name: str(core_device) for name in _core_names(config)}
+        plan["language_model"] = str(core_device)
+    else:
+        first_gpu = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        dtype = resolve_dtype(dtype, first_gpu)
+        plan = plan_device_map(config, device_map, max_memory=max_memory, dtype=dtype,
+                               load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        core_device = _as_torch_device(plan["vision_model"])
+        if core_device.type in ("meta", "disk"):
+            raise ValueError("The vision encoder and Q-Former must be on a real device, not offloaded to disk.")
+    if core_device.type == "cpu" and dtype == torch.float16:
+        log.warning("float16 on CPU is slow and less accurate than bfloat16; consider dtype='bfloat16'.")
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    qformer_tokenizer = None
+    if isinstance(config, InstructBlipConfig):
+        if not (folder / "qformer_tokenizer").is_dir():
+            raise CheckpointError(f"{folder} is an InstructBLIP checkpoint without its qformer_tokenizer/ folder.")
+        qformer_tokenizer = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", trust_remote_code=False)
+    image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
+
+    with torch.device("meta"):
+        vlm = VisionLanguageModel(config, None, tokenizer, qformer_tokenizer, image_processor, cache_size)
+    core_state = read_core_state(files)
+    load_core(vlm, core_state, str(folder))
+    vlm.to(device=core_device, dtype=dtype)
+    vlm.eval()
+
+    vlm.language_model = load_language_model(
+        folder, config, set(core_state), dtype=dtype, device_map=_lm_part(plan),
+        load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, offload_folder=offload_folder,
+    )
+    vlm.load_info = {
+        "name": str(name_or_path),
+        "folder": str(folder),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": "8-bit" if load_in_8bit else "4-bit" if load_in_4bit else None,
+        "device_map": plan if device_map is not None else None,
+        "device": str(core_device),
+    }
+    return vlm

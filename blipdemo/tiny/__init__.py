@@ -1,0 +1,1 @@
+"""The embedded tiny model: synthetic shapes scenes, tokenizers, training and evaluation."""
