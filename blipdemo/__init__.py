@@ -1,8 +1,8 @@
 """blipdemo: chat about an image with InstructBLIP / BLIP-2 models.
 
-    import blipdemo
-    vlm = blipdemo.load("Salesforce/instructblip-flan-t5-xl")   # hub id or local folder
-    vlm.ask("photo.jpg", "What is unusual about this image?")
+import blipdemo
+vlm = blipdemo.load("Salesforce/instructblip-flan-t5-xl")   # hub id or local folder
+vlm.ask("photo.jpg", "What is unusual about this image?")
 """
 
 from .decoding import INSTRUCTBLIP_DEFAULTS

@@ -49,9 +49,7 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
     """
     unknown = set(options) - set(RANGES) - {"do_sample"}
     if unknown:
-        raise TypeError(
-            f"Unknown decoding option(s) {sorted(unknown)}; valid: {sorted([*RANGES, 'do_sample'])}"
-        )
+        raise TypeError(f"Unknown decoding option(s) {sorted(unknown)}; valid: {sorted([*RANGES, 'do_sample'])}")
     out: dict[str, Any] = {}
     for name, value in options.items():
         if value is None:

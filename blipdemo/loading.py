@@ -159,7 +159,7 @@ def load_core(vlm: VisionLanguageModel, state: dict[str, torch.Tensor], where: s
         expected.update({f"{prefix}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
     check_keys(expected, state, where)
     for prefix, module in vlm.core_modules().items():
-        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         module.load_state_dict(part, strict=True, assign=True)
     vlm.query_tokens = torch.nn.Parameter(state["query_tokens"])
 
@@ -168,9 +168,16 @@ def load_core(vlm: VisionLanguageModel, state: dict[str, torch.Tensor], where: s
 # Devices and dtypes
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """None/"auto": bfloat16 where the device runs it natively, float16 on older GPUs, else float32."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -250,7 +257,10 @@ def plan_device_map(
     no_split = list(lm._no_split_modules or [])
     if device_map.startswith("balanced"):
         max_memory = get_balanced_memory(
-            lm, max_memory, no_split_module_classes=no_split, dtype=plan_dtype,
+            lm,
+            max_memory,
+            no_split_module_classes=no_split,
+            dtype=plan_dtype,
             low_zero=device_map == "balanced_low_0",
         )
     lm_map = infer_auto_device_map(lm, max_memory=max_memory, no_split_module_classes=no_split, dtype=plan_dtype)
@@ -266,8 +276,13 @@ def _normalize_dict_map(device_map: dict) -> dict[str, int | str]:
         if len(device_map) > 1:
             raise ValueError("A device_map with the key '' puts everything on one device; give no other keys.")
         where = device_map[""]
-        return {"vision_model": where, "query_tokens": where, "qformer": where, "language_projection": where,
-                "language_model": where}
+        return {
+            "vision_model": where,
+            "query_tokens": where,
+            "qformer": where,
+            "language_projection": where,
+            "language_model": where,
+        }
     plan = dict(device_map)
     core = {plan.get(name) for name in ("vision_model", "query_tokens", "qformer", "language_projection")}
     core.discard(None)
@@ -289,8 +304,11 @@ def _normalize_dict_map(device_map: dict) -> dict[str, int | str]:
 
 
 def _lm_part(plan: dict[str, int | str]) -> dict[str, int | str]:
-    return {("" if k == "language_model" else k[len(LM_PREFIX):]): v for k, v in plan.items()
-            if k == "language_model" or k.startswith(LM_PREFIX)}
+    return {
+        ("" if k == "language_model" else k[len(LM_PREFIX) :]): v
+        for k, v in plan.items()
+        if k == "language_model" or k.startswith(LM_PREFIX)
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +324,28 @@ def _quiet_transformers():
         transformers.logging.set_verbosity(level)
 
 
+def _check_lm_shapes(folder: Path, config) -> None:
+    """Name misshaped LM tensors before transformers would (its own report is silenced above)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = _lm_class(config).from_config(config.text_config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    bad = []
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                name = key[len(LM_PREFIX) :]
+                if key.startswith(LM_PREFIX) and name in expected:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[name]:
+                        bad.append(f"{key}: checkpoint {shape}, model {expected[name]}")
+    if bad:
+        raise CheckpointError(
+            f"{folder}: the language model does not match its config — wrong shapes: " + "; ".join(bad)
+        )
+
+
 def load_language_model(
     folder: Path,
     config,
@@ -318,6 +358,7 @@ def load_language_model(
     offload_folder: str | None,
 ):
     """The LM through transformers' ``from_pretrained`` on the checkpoint's ``language_model.*`` keys."""
+    _check_lm_shapes(folder, config)
     kwargs: dict = {
         "config": config.text_config,
         "key_mapping": {"^" + re.escape(LM_PREFIX): ""},
@@ -392,8 +433,9 @@ def load(
     else:
         first_gpu = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         dtype = resolve_dtype(dtype, first_gpu)
-        plan = plan_device_map(config, device_map, max_memory=max_memory, dtype=dtype,
-                               load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        plan = plan_device_map(
+            config, device_map, max_memory=max_memory, dtype=dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit
+        )
         core_device = _as_torch_device(plan["vision_model"])
         if core_device.type in ("meta", "disk"):
             raise ValueError("The vision encoder and Q-Former must be on a real device, not offloaded to disk.")
@@ -416,8 +458,14 @@ def load(
     vlm.eval()
 
     vlm.language_model = load_language_model(
-        folder, config, set(core_state), dtype=dtype, device_map=_lm_part(plan),
-        load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, offload_folder=offload_folder,
+        folder,
+        config,
+        set(core_state),
+        dtype=dtype,
+        device_map=_lm_part(plan),
+        load_in_8bit=load_in_8bit,
+        load_in_4bit=load_in_4bit,
+        offload_folder=offload_folder,
     )
     vlm.load_info = {
         "name": str(name_or_path),

@@ -96,7 +96,11 @@ class VisionLanguageModel(nn.Module):
 
     def core_modules(self) -> dict[str, nn.Module]:
         """Our own parts, by checkpoint prefix (everything but ``language_model``)."""
-        return {"vision_model": self.vision_model, "qformer": self.qformer, "language_projection": self.language_projection}
+        return {
+            "vision_model": self.vision_model,
+            "qformer": self.qformer,
+            "language_projection": self.language_projection,
+        }
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → image tokens (B, 1 + gh*gw, Dv)."""
@@ -131,22 +135,29 @@ class VisionLanguageModel(nn.Module):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ):
         """The whole stack; returns the LM's output (``.logits``, and ``.loss`` when ``labels`` are given).
 
         Decoder-only LMs: logits cover ``num_query_tokens + len(input_ids)`` positions, queries first, and
         ``labels`` (B, T) align with ``input_ids`` (-100 = ignored). Encoder-decoder LMs: logits cover
-        ``decoder_input_ids`` (or the right-shifted ``labels``).
+        ``decoder_input_ids`` (or the right-shifted ``labels``). ``image_embeds`` (B, N, Dv), if given, stands
+        in for ``pixel_values`` (training with a frozen, pre-computed vision encoder).
         """
-        image_embeds = self.encode_image(pixel_values)
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("forward needs pixel_values (or image_embeds).")
+            image_embeds = self.encode_image(pixel_values)
+        if input_ids is None:
+            raise ValueError("forward needs input_ids (the prompt's LM token ids).")
         query_embeds = self.query_outputs(image_embeds, qformer_input_ids, qformer_attention_mask)
         inputs_embeds, mask = self._language_inputs(query_embeds, input_ids, attention_mask)
         if not self.is_encoder_decoder:
@@ -243,6 +254,8 @@ class VisionLanguageModel(nn.Module):
         query_embeds = self.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
         embeds, mask = self._language_inputs(query_embeds, inputs.input_ids, None)
         kwargs = dict(options, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=inputs.max_new_tokens)
+        if "min_new_tokens" in kwargs:  # the answer room may have shrunk to fit the LM's limit
+            kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], inputs.max_new_tokens)
         gen_cfg = self.language_model.generation_config
         if gen_cfg.pad_token_id is None:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id or gen_cfg.eos_token_id or self.tokenizer.eos_token_id
@@ -261,7 +274,7 @@ class VisionLanguageModel(nn.Module):
     def _new_tokens(self, output: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if self.is_encoder_decoder:
             return output[0]
-        return output[0, kwargs["input_ids"].shape[1]:]
+        return output[0, kwargs["input_ids"].shape[1] :]
 
     def _decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

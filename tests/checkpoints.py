@@ -39,24 +39,43 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _lm_config(lm: str, vocab_size: int, tok) -> object:
+def _lm_config(lm: str, vocab_size: int, tok, width: int = 48) -> object:
     common = {"vocab_size": vocab_size, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
     if lm == "llama":
         return LlamaConfig(
-            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-            tie_word_embeddings=False, **common,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=False,
+            **common,
         )
     if lm == "opt":
         return OPTConfig(
-            hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=48,
-            max_position_embeddings=256, bos_token_id=tok.bos_token_id, **common,
+            hidden_size=width,
+            ffn_dim=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=width,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            **common,
         )
     if lm == "t5":
         return T5Config(
-            d_model=48, d_ff=96, d_kv=12, num_layers=2, num_decoder_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu", decoder_start_token_id=tok.pad_token_id,
-            tie_word_embeddings=False, **common,
+            d_model=width,
+            d_ff=2 * width,
+            d_kv=width // 4,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+            **common,
         )
     raise ValueError(lm)
 
@@ -83,6 +102,7 @@ def make_checkpoint(
     qformer_layers: int = 3,
     cross_attention_frequency: int = 2,
     qkv_bias: bool = True,
+    lm_width: int = 48,
 ) -> Path:
     """Build, randomise and save a tiny checkpoint + processor; returns the folder."""
     path = Path(path)
@@ -99,26 +119,41 @@ def make_checkpoint(
     tok = processor.tokenizer  # now holds the <image> placeholder token
     image_token = tok.convert_tokens_to_ids("<image>")
     vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, qkv_bias=qkv_bias,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        qkv_bias=qkv_bias,
     )
     qformer = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=qformer_layers, num_attention_heads=4,
-        cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=qformer_layers,
+        num_attention_heads=4,
+        cross_attention_frequency=cross_attention_frequency,
+        encoder_hidden_size=32,
         max_position_embeddings=64,
     )
-    text = _lm_config(lm, len(tok), tok)
+    text = _lm_config(lm, len(tok), tok, lm_width)
     if family == "instructblip":
         qformer["vocab_size"] = len(processor.qformer_tokenizer)
         config = InstructBlipConfig(
-            vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
-            num_query_tokens=num_query_tokens, image_token_index=image_token,
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=text.to_dict(),
+            num_query_tokens=num_query_tokens,
+            image_token_index=image_token,
         )
         model = InstructBlipForConditionalGeneration(config)
     else:
         config = Blip2Config(
-            vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
-            num_query_tokens=num_query_tokens, image_token_index=image_token,
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=text.to_dict(),
+            num_query_tokens=num_query_tokens,
+            image_token_index=image_token,
         )
         model = Blip2ForConditionalGeneration(config)
     _redraw(model, seed)

@@ -30,9 +30,7 @@ def as_dict(scene: scenes.Scene) -> dict:
     """The reference module's representation of a training-side scene."""
     return {
         "background": scene.background,
-        "objects": [
-            {"shape": o.shape, "color": o.color, "cell": o.cell, "box": o.box} for o in scene.objects
-        ],
+        "objects": [{"shape": o.shape, "color": o.color, "cell": o.cell, "box": o.box} for o in scene.objects],
     }
 
 
@@ -125,9 +123,7 @@ def test_answers_agree_with_the_reference():
             for variant in (False, True):
                 question, answer = scenes.ask(scene, family, rng, variant=variant)
                 assert answer == scenes.normalize_answer(answer), "answers are emitted in canonical form"
-                assert ref.normalize(ref.answer(as_ref, question)) == scenes.normalize_answer(answer), (
-                    question
-                )
+                assert ref.normalize(ref.answer(as_ref, question)) == scenes.normalize_answer(answer), question
                 if not variant:
                     assert re.fullmatch(CANONICAL[family], question), question
 
@@ -197,9 +193,7 @@ def test_deterministic_under_a_fixed_seed():
         for _ in range(20):
             scene = scenes.sample_scene(rng)
             image = scenes.degrade(scenes.render(scene, rng), rng)
-            out.append(
-                (scene, image.size, image.tobytes(), [scenes.ask(scene, f, rng) for f in scenes.FAMILIES])
-            )
+            out.append((scene, image.size, image.tobytes(), [scenes.ask(scene, f, rng) for f in scenes.FAMILIES]))
         return out
 
     assert run(7) == run(7)
@@ -217,9 +211,7 @@ def test_degrade_sizes_and_modes():
         assert out.mode == "RGB"
         width, height = out.size
         if out.size == (224, 224):
-            kinds[
-                "same size, same pixels" if np.array_equal(np.asarray(out), original) else "re-encoded"
-            ] += 1
+            kinds["same size, same pixels" if np.array_equal(np.asarray(out), original) else "re-encoded"] += 1
         else:
             assert 160 <= width <= 400 and 160 <= height <= 400, out.size
             assert 0.8 <= width / height <= 1.25, out.size
@@ -237,9 +229,7 @@ def test_the_two_renderers_agree_on_object_masks():
     worst = 1.0
     for scene in many_scenes(100, seed=9):
         ours = mask_from_background(np.asarray(scenes.render(scene, rng, antialias=False)), scene.background)
-        theirs = mask_from_background(
-            np.asarray(ref.draw(as_dict(scene), np_rng, antialias=False)), scene.background
-        )
+        theirs = mask_from_background(np.asarray(ref.draw(as_dict(scene), np_rng, antialias=False)), scene.background)
         for o in scene.objects:
             x0, y0, x1, y1 = o.box
             region = (slice(max(0, y0 - 2), y1 + 2), slice(max(0, x0 - 2), x1 + 2))

@@ -1,0 +1,403 @@
+"""Train the embedded tiny InstructBLIP on the shapes scenes (shared/scenes.md) and save it in the HF layout.
+
+    python -m blipdemo.tiny.train --out assets/shapes-instructblip
+
+Recipe (the numbers chose it; see the README):
+1. Pre-render scenes once over the spec's whole range (sizes, jitter, anti-aliasing, PNG/JPEG, other image
+   sizes), through the checkpoint's own image processor.
+2. Stage 1, the vision side (as BLIP-2 starts from a pretrained image encoder): the ViT alone, with
+   throw-away linear heads on its output tokens. Every patch token learns which cell it lies in, what
+   object (shape, color) that cell holds and whether the patch is on the object; the CLS token learns the
+   object count. So the tokens carry *what* and *where* — a ViT taught only attributes forgets where.
+3. Stage 2, InstructBLIP's own training: the ViT frozen (its tokens pre-computed once), the Q-Former,
+   query tokens, projection and LLaMA LM trained with the language-modeling loss on the answers of all six
+   question families. No loss ever touches attention weights: the maps must earn their localization.
+
+Per-family exact-match accuracy on held-out scenes is logged as training goes (teacher-forced: every
+answer token is the argmax ⇔ greedy decoding returns exactly the answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import (
+    BlipImageProcessorPil,
+    GenerationConfig,
+    InstructBlipConfig,
+    InstructBlipProcessor,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from ..model import VisionLanguageModel
+from . import scenes
+from .tokenizers import lm_tokenizer, wordpiece_tokenizer
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# Ordinary English beside the scene vocabulary, so the tokenizers read a user's free text sensibly.
+ENGLISH = (
+    "the a an of and to in is it you that he was for on are as with his they at be this have from or one "
+    "had by word but not what all were we when your can said there use each which she do how their if will "
+    "up other about out many then them these so some her would make like him into time has look two more "
+    "write go see number no way could people my than first water been call who oil its now find long down "
+    "day did get come made may part picture photo image describe show tell me please color colour shape "
+    "where why which object objects thing things left right top bottom middle center centre corner above "
+    "below next beside near big small large tiny background gray grey white black brown pink dark light "
+    "circle square triangle rectangle star dot ball box red green blue yellow purple orange yes no three"
+)
+
+
+@dataclass
+class TinyConfig:
+    image_size: int = 108  # the 3×3 cells are exactly 3×3 patches of 12 px
+    patch_size: int = 12
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    qformer_width: int = 128
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    num_query_tokens: int = 16
+    lm_width: int = 192
+    lm_layers: int = 3
+    lm_heads: int = 4
+    lm_vocab: int = 600
+    train_scenes: int = 20000
+    eval_scenes: int = 600
+    vit_steps: int = 2500
+    vit_lr: float = 1e-3
+    qa_steps: int = 6000
+    qa_lr: float = 5e-4
+    warmup: int = 200
+    batch_size: int = 64
+    eval_every: int = 500
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+def render_set(n: int, seed: int, processor) -> tuple[list[scenes.Scene], torch.Tensor]:
+    """``n`` scenes and their pixel values (n, 3, S, S) as float16, through the real image processor."""
+    rng = random.Random(seed)
+    all_scenes, chunks, images = [], [], []
+    for _ in tqdm(range(n), desc=f"render (seed {seed})", leave=False):
+        scene = scenes.sample_scene(rng)
+        all_scenes.append(scene)
+        images.append(scenes.degrade(scenes.render(scene, rng), rng))
+        if len(images) == 500:
+            chunks.append(processor(images=images, return_tensors="pt")["pixel_values"].half())
+            images = []
+    if images:
+        chunks.append(processor(images=images, return_tensors="pt")["pixel_values"].half())
+    return all_scenes, torch.cat(chunks)
+
+
+def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, torch.Tensor]:
+    """Per-patch cell / shape / color / on-object labels and the count, for the stage-1 heads."""
+    step = scenes.SIZE / grid
+    cell_size = scenes.SIZE / 3
+    by_cell = {o.cell: o for o in scene.objects}
+    cell, shape, color, on = (torch.zeros(grid * grid, dtype=torch.long) for _ in range(4))
+    for r in range(grid):
+        for c in range(grid):
+            x, y = (c + 0.5) * step, (r + 0.5) * step
+            i = r * grid + c
+            cell_index = int(y // cell_size) * 3 + int(x // cell_size)
+            cell[i] = cell_index
+            obj = by_cell.get(scenes.CELLS[cell_index])
+            if obj is not None:
+                shape[i] = 1 + scenes.SHAPES.index(obj.shape)
+                color[i] = 1 + list(scenes.COLORS).index(obj.color)
+                x0, y0, x1, y1 = obj.box
+                on[i] = int(x0 <= x < x1 and y0 <= y < y1)
+    return {"cell": cell, "shape": shape, "color": color, "on": on, "count": torch.tensor(len(scene.objects) - 1)}
+
+
+class VisionHeads(nn.Module):
+    """Throw-away stage-1 heads; not part of the checkpoint."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.cell, self.shape, self.color, self.on = (nn.Linear(width, k) for k in (9, 4, 7, 2))
+        self.count = nn.Linear(width, 3)
+
+    def losses(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        patches, cls = tokens[:, 1:].float(), tokens[:, 0].float()  # (B, P, D), (B, D)
+        total, accs = 0.0, {}
+        for name in ("cell", "shape", "color", "on"):
+            logits = getattr(self, name)(patches)  # (B, P, k)
+            total = total + F.cross_entropy(logits.flatten(0, 1), targets[name].flatten())
+            accs[name] = (logits.argmax(-1) == targets[name]).float().mean().item()
+        logits = self.count(cls)
+        total = total + F.cross_entropy(logits, targets["count"])
+        accs["count"] = (logits.argmax(-1) == targets["count"]).float().mean().item()
+        return total, accs
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+def build_model(cfg: TinyConfig, tokenizer, qformer_tokenizer) -> VisionLanguageModel:
+    grid = cfg.image_size // cfg.patch_size
+    assert grid * cfg.patch_size == cfg.image_size
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.lm_width,
+        intermediate_size=cfg.lm_width * 8 // 3,
+        num_hidden_layers=cfg.lm_layers,
+        num_attention_heads=cfg.lm_heads,
+        num_key_value_heads=cfg.lm_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
+    config = InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=cfg.vision_width,
+            intermediate_size=cfg.vision_width * 4,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            qkv_bias=True,
+            layer_norm_eps=1e-6,
+        ),
+        qformer_config=dict(
+            hidden_size=cfg.qformer_width,
+            intermediate_size=cfg.qformer_width * 4,
+            num_hidden_layers=cfg.qformer_layers,
+            num_attention_heads=cfg.qformer_heads,
+            cross_attention_frequency=1,
+            encoder_hidden_size=cfg.vision_width,
+            vocab_size=len(qformer_tokenizer),
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=qformer_tokenizer.pad_token_id,
+        ),
+        text_config=text.to_dict(),
+        num_query_tokens=cfg.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    vlm = VisionLanguageModel(config, LlamaForCausalLM(text), tokenizer, qformer_tokenizer)
+    with torch.no_grad():  # BERT/ViT-style init where PyTorch's default is not what these layers expect
+        for name, p in vlm.named_parameters():
+            if name.startswith("language_model"):
+                continue
+            if (
+                name.endswith(("class_embedding", "position_embedding", "query_tokens"))
+                or "embeddings." in name
+                or p.dim() == 2
+            ):
+                nn.init.trunc_normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+    return vlm
+
+
+def build_tokenizers(seed: int):
+    rng = random.Random(seed + 7)
+    corpus = [ENGLISH] * 20
+    words = set(ENGLISH.split())
+    for _ in range(3000):
+        scene = scenes.sample_scene(rng)
+        for family in scenes.FAMILIES:
+            q, a = scenes.ask(scene, family, rng, variant=False)
+            corpus.append(f"{q} {a}")
+            words.update(w.strip("?.,").lower() for w in f"{q} {a}".split())
+    return corpus, sorted(words)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2 batches
+def qa_batch(vlm: VisionLanguageModel, items: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Token ids for (question, answer) pairs: LM ids = prompt + answer + EOS, labels only on the answer."""
+    tok, qtok = vlm.tokenizer, vlm.qformer_tokenizer
+    q = qtok([x[0] for x in items], padding=True, return_tensors="pt")
+    rows, labels = [], []
+    for question, answer in items:
+        prompt = tok(question)["input_ids"]
+        target = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    lab = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)], lab[i, : len(lb)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(lb), 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": lab,
+        "qformer_input_ids": q["input_ids"],
+        "qformer_attention_mask": q["attention_mask"],
+    }
+
+
+def exact_match(vlm: VisionLanguageModel, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row: every answer token is the argmax (⇔ greedy decoding yields exactly the answer)."""
+    q = vlm.config.num_query_tokens
+    pred = out.logits[:, q - 1 : -1].argmax(-1)  # position t predicts token t of input_ids
+    labels = batch["labels"]
+    ok = (pred == labels) | (labels == -100)
+    return ok.all(dim=1)
+
+
+def evaluate_teacher_forced(vlm, feats, eval_scenes, seed: int, per_family: int = 100) -> dict[str, float]:
+    rng = random.Random(seed)
+    vlm.eval()
+    result = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for family in scenes.FAMILIES:
+            idx = [rng.randrange(len(eval_scenes)) for _ in range(per_family)]
+            items = [scenes.ask(eval_scenes[i], family, rng) for i in idx]
+            batch = qa_batch(vlm, items)
+            out = vlm(image_embeds=feats[idx].float(), **batch)
+            result[family] = exact_match(vlm, out, batch).float().mean().item()
+    vlm.train()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+def train(cfg: TinyConfig, out_dir: Path) -> dict:
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    corpus, words = build_tokenizers(cfg.seed)
+    tokenizer = lm_tokenizer(corpus, vocab_size=cfg.lm_vocab, style="llama", max_length=256)
+    qformer_tokenizer = wordpiece_tokenizer(words, max_length=128)
+    image_processor = BlipImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    processor = InstructBlipProcessor(
+        image_processor, tokenizer, qformer_tokenizer, num_query_tokens=cfg.num_query_tokens
+    )
+    tokenizer = processor.tokenizer  # with the <image> placeholder the transformers processor adds
+    vlm = build_model(cfg, tokenizer, qformer_tokenizer)
+    vlm.image_processor = image_processor
+    print(f"parameters: {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f} M")
+
+    train_scenes, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, image_processor)
+    eval_scenes, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, image_processor)
+    grid = cfg.image_size // cfg.patch_size
+    targets = [patch_targets(s, grid) for s in train_scenes]
+    stacked = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+    print(f"rendered {len(train_scenes)} + {len(eval_scenes)} scenes in {time.time() - start:.0f} s")
+
+    # Stage 1: the ViT with per-patch heads.
+    heads = VisionHeads(cfg.vision_width)
+    params = list(vlm.vision_model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vit_lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.vit_steps), desc="stage 1 (ViT)")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.vit_steps, cfg.vit_lr, cfg.warmup)
+        idx = torch.randint(len(train_scenes), (cfg.batch_size,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = vlm.vision_model(train_pix[idx].float())
+        loss, accs = heads.losses(tokens, {k: v[idx] for k, v in stacked.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in accs.items()})
+    stage1 = accs
+
+    # Stage 2: freeze the ViT, pre-compute its tokens, train Q-Former + projection + LM on the answers.
+    vlm.vision_model.requires_grad_(False).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        train_feats = torch.cat(
+            [vlm.vision_model(train_pix[i : i + 500].float()).bfloat16() for i in range(0, len(train_pix), 500)]
+        )
+        eval_feats = torch.cat(
+            [vlm.vision_model(eval_pix[i : i + 500].float()).bfloat16() for i in range(0, len(eval_pix), 500)]
+        )
+    params = [p for n, p in vlm.named_parameters() if not n.startswith("vision_model")]
+    opt = torch.optim.AdamW(params, lr=cfg.qa_lr, weight_decay=0.01)
+    rng = random.Random(cfg.seed + 3)
+    history = []
+    bar = tqdm(range(cfg.qa_steps), desc="stage 2 (Q-Former + LM)")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.qa_steps, cfg.qa_lr, cfg.warmup)
+        idx = [rng.randrange(len(train_scenes)) for _ in range(cfg.batch_size)]
+        items = [scenes.ask(train_scenes[i], rng.choice(scenes.FAMILIES), rng) for i in idx]
+        batch = qa_batch(vlm, items)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = vlm(image_embeds=train_feats[idx].float(), **batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.qa_steps:
+            accs = evaluate_teacher_forced(vlm, eval_feats, eval_scenes, cfg.seed + 5)
+            history.append({"step": step + 1, **accs})
+            tqdm.write(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in accs.items()))
+
+    minutes = (time.time() - start) / 60
+    save(vlm, processor, out_dir)
+    report = {"config": asdict(cfg), "stage1": stage1, "history": history, "minutes": round(minutes, 1)}
+    (out_dir / "training_log.json").write_text(json.dumps(report, indent=1))
+    print(f"saved {out_dir} after {minutes:.1f} min")
+    return report
+
+
+def save(vlm: VisionLanguageModel, processor, out_dir: Path) -> None:
+    """Write the checkpoint in the published InstructBLIP layout (what save_pretrained writes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {"query_tokens": vlm.query_tokens}
+    for prefix, module in vlm.core_modules().items():
+        state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in vlm.language_model.state_dict().items()})
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in state.items()},
+        out_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    vlm.config.save_pretrained(out_dir)
+    tok = vlm.tokenizer
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    ).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/shapes-instructblip"))
+    for name, value in asdict(TinyConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    cfg = TinyConfig(**{k: getattr(args, k) for k in asdict(TinyConfig())})
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()

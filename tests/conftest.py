@@ -1,0 +1,40 @@
+"""Shared fixtures: small random checkpoints saved by transformers itself, and test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from PIL import Image
+
+COMBOS = [("instructblip", "llama"), ("instructblip", "t5"), ("blip2", "opt"), ("blip2", "t5")]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """Factory: (family, lm, **options) → folder of a saved random checkpoint (built once per session)."""
+    built: dict = {}
+
+    def get(family: str, lm: str, **options):
+        key = (family, lm, tuple(sorted(options.items())))
+        if key not in built:
+            built[key] = make_checkpoint(tmp_path_factory.mktemp(f"{family}-{lm}"), family, lm, **options)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def images():
+    """A few differently sized random and structured RGB images."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    stripes = Image.fromarray(np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((16, 8, 1), np.uint8)))
+    flat = Image.new("RGB", (64, 64), (200, 30, 30))
+    return [noise, stripes, flat]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
