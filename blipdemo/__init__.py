@@ -5,6 +5,7 @@ vlm = blipdemo.load("Salesforce/instructblip-flan-t5-xl")   # hub id or local fo
 vlm.ask("photo.jpg", "What is unusual about this image?")
 """
 
+from .attention import Explanation
 from .decoding import INSTRUCTBLIP_DEFAULTS
 from .images import ImageError, load_image
 from .loading import CheckpointError, CheckpointUnavailable, load, plan_device_map
@@ -14,6 +15,7 @@ __all__ = [
     "INSTRUCTBLIP_DEFAULTS",
     "CheckpointError",
     "CheckpointUnavailable",
+    "Explanation",
     "ImageError",
     "VisionLanguageModel",
     "load",

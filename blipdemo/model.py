@@ -19,10 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import InstructBlipConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from . import decoding
+from .attention import Explanation, explain_answer
 from .images import load_image
 from .prompts import fit_history, normalize_history
 from .qformer import QFormerModel
@@ -33,6 +35,7 @@ from .vision import VisionModel
 class PreparedInputs:
     """Everything generation needs for one request (batch of 1)."""
 
+    image: Image.Image  # the upright RGB picture, as the user gave it (size and orientation)
     pixel_values: torch.Tensor  # (1, 3, H, W)
     image_embeds: torch.Tensor  # (1, 1 + gh*gw, Dv)
     prompt: str  # the full text given to the LM (and to the Q-Former for InstructBLIP)
@@ -177,7 +180,9 @@ class VisionLanguageModel(nn.Module):
     # Requests
     def preprocess(self, image) -> torch.Tensor:
         """Any accepted image input → ``pixel_values`` (1, 3, H, W) float32, by the checkpoint's processor."""
-        pil = load_image(image)
+        return self._pixels(load_image(image))
+
+    def _pixels(self, pil: Image.Image) -> torch.Tensor:
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,8 @@ class VisionLanguageModel(nn.Module):
         if self.family == "instructblip" and not prompt.strip():
             raise ValueError("The instruction is empty: type a question or an instruction.")
         turns = normalize_history(history)
-        pixel_values = self.preprocess(image)
+        pil = load_image(image)
+        pixel_values = self._pixels(pil)
         lm_limit, q_limit = self._limits()
         num_queries = self.config.num_query_tokens
         # Decoder-only LMs hold queries, prompt and answer in one sequence; reserve room for the answer.
@@ -241,6 +247,7 @@ class VisionLanguageModel(nn.Module):
         if not self.is_encoder_decoder:
             max_new_tokens = min(max_new_tokens, lm_limit - num_queries - len(encoded["lm"]))
         return PreparedInputs(
+            image=pil,
             pixel_values=pixel_values,
             image_embeds=self.image_embeddings(pixel_values),
             prompt=text,
@@ -280,12 +287,20 @@ class VisionLanguageModel(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @torch.inference_mode()
-    def generate_ids(self, image, prompt: str, *, history: Sequence = (), **options) -> torch.Tensor:
-        """Token ids of the answer (1-D, special tokens included)."""
+    def _generate(self, image, prompt: str, history: Sequence, options: dict) -> tuple[PreparedInputs, torch.Tensor]:
         opts = decoding.validate(options)
         inputs = self.prepare(image, prompt, history, opts["max_new_tokens"])
         kwargs = self._generate_kwargs(inputs, opts)
-        return self._new_tokens(self.language_model.generate(**kwargs), kwargs)
+        return inputs, self._new_tokens(self.language_model.generate(**kwargs), kwargs)
+
+    def generate_ids(self, image, prompt: str, *, history: Sequence = (), **options) -> torch.Tensor:
+        """Token ids of the answer (1-D, special tokens included)."""
+        return self._generate(image, prompt, history, options)[1]
+
+    def explain(self, image, prompt: str, *, history: Sequence = (), **options) -> Explanation:
+        """``ask`` plus attention maps: per generated token and for the whole answer (see ``attention.py``)."""
+        inputs, ids = self._generate(image, prompt, history, options)
+        return explain_answer(self, inputs, ids, self._decode(ids), inputs.image)
 
     def ask(self, image, prompt: str, *, history: Sequence = (), **options) -> str:
         """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns."""

@@ -7,16 +7,35 @@ Notable features:
 - cross-attention to the image tokens every ``cross_attention_frequency`` layers, and a separate
   feed-forward for query positions (``intermediate_query`` / ``output_query``), as in the checkpoints;
 - attention through ``F.scaled_dot_product_attention``; a cross-attention module computes its weights
-  explicitly only while something records them (``record`` is a list), for attention maps;
+  explicitly only while the calling thread records them (``recording()``), for attention maps;
 - the text feed-forward of the last layer is skipped: only query outputs leave the Q-Former.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+_recorder = threading.local()  # per thread: {module: [probs, ...]} while recording, else absent
+
+
+@contextmanager
+def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[torch.Tensor]]]:
+    """Within the block, the calling thread's calls of ``modules`` append their attention probabilities
+    (B, nh, Tq, Tk) to ``records[module]``; other threads keep the fast SDPA path."""
+    records: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in modules}
+    previous = getattr(_recorder, "records", None)
+    _recorder.records = records
+    try:
+        yield records
+    finally:
+        _recorder.records = previous
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -31,8 +50,6 @@ class QFormerMultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
         self.dropout_p = config.attention_probs_dropout_prob
-        # Set to a list to have the attention probabilities (B, nh, Tq, Tk) appended on every call.
-        self.record: list[torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -44,13 +61,14 @@ class QFormerMultiHeadAttention(nn.Module):
         q = self.query(x).view(B, Tq, self.num_heads, hs).transpose(1, 2)  # (B, nh, Tq, hs)
         k = self.key(kv).view(B, -1, self.num_heads, hs).transpose(1, 2)  # (B, nh, Tk, hs)
         v = self.value(kv).view(B, -1, self.num_heads, hs).transpose(1, 2)
-        if self.record is not None:
+        records = getattr(_recorder, "records", None)
+        if records is not None and self in records:
             # Explicit path: the only place attention weights are materialised.
             scores = (q @ k.transpose(-1, -2)) * hs**-0.5  # (B, nh, Tq, Tk)
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             probs = scores.softmax(-1)
-            self.record.append(probs.detach())
+            records[self].append(probs.detach())
             out = probs @ v
         else:
             dropout = self.dropout_p if self.training else 0.0

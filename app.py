@@ -1,0 +1,175 @@
+"""blipdemo: chat about an image with InstructBLIP / BLIP-2 in the browser.
+
+Every flag has an environment variable (for Hugging Face Spaces): --model / BLIPDEMO_MODEL, and so on.
+With no model named and the default one out of reach (no network, nothing cached), the app starts on
+the embedded tiny model and says so in a banner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import blipdemo
+from blipdemo.loading import CheckpointUnavailable
+from blipdemo.ui import CSS, Demo
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE / "assets"
+DEFAULT_MODEL = "Salesforce/instructblip-flan-t5-xl"
+EMBEDDED_MODEL = ASSETS / "shapes-instructblip"
+ON_SPACES = bool(os.environ.get("SPACE_ID"))
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"BLIPDEMO_{name}", default)
+
+
+def _flag(name: str) -> bool:
+    return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Chat about an image with InstructBLIP / BLIP-2 (blipdemo).")
+    p.add_argument(
+        "--model",
+        default=_env("MODEL"),
+        help=f"hub id or local folder [BLIPDEMO_MODEL; default {DEFAULT_MODEL}, or the embedded "
+        "tiny model when that cannot be fetched]",
+    )
+    p.add_argument(
+        "--dtype",
+        default=_env("DTYPE"),
+        choices=[None, "float32", "bfloat16", "float16"],
+        help="weights dtype [BLIPDEMO_DTYPE; default bfloat16 where supported, else float32]",
+    )
+    p.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:1 … [BLIPDEMO_DEVICE]")
+    p.add_argument(
+        "--load-8bit",
+        action="store_true",
+        default=_flag("LOAD_8BIT"),
+        help="LM weights in int8 via bitsandbytes [BLIPDEMO_LOAD_8BIT=1]",
+    )
+    p.add_argument(
+        "--load-4bit",
+        action="store_true",
+        default=_flag("LOAD_4BIT"),
+        help="LM weights in nf4 via bitsandbytes [BLIPDEMO_LOAD_4BIT=1]",
+    )
+    p.add_argument(
+        "--device-map",
+        default=_env("DEVICE_MAP"),
+        help="auto | balanced | balanced_low_0 | sequential: split the LM over GPUs [BLIPDEMO_DEVICE_MAP]",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=_env("MAX_MEMORY"),
+        help='per-device budget, e.g. "0=20GiB,1=20GiB,cpu=64GiB" [BLIPDEMO_MAX_MEMORY]',
+    )
+    p.add_argument(
+        "--host",
+        default=_env("HOST", "0.0.0.0" if ON_SPACES else "127.0.0.1"),
+        help="address to bind [BLIPDEMO_HOST; default 127.0.0.1, 0.0.0.0 on a Space]",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))),
+        help="port [BLIPDEMO_PORT; default 7860]",
+    )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        default=_flag("SHARE"),
+        help="create a public gradio.live link [BLIPDEMO_SHARE=1]",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(_env("CONCURRENCY", 1)),
+        help="generations running at once [BLIPDEMO_CONCURRENCY; default 1]",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(_env("QUEUE_SIZE", 16)),
+        help="requests waiting at most; more are told the queue is full [BLIPDEMO_QUEUE_SIZE]",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=float(_env("TIME_LIMIT", 120)),
+        help="seconds per generation, besides max new tokens [BLIPDEMO_TIME_LIMIT; default 120]",
+    )
+    p.add_argument(
+        "--max-file-size",
+        default=_env("MAX_FILE_SIZE", "20mb"),
+        help="largest upload [BLIPDEMO_MAX_FILE_SIZE; default 20mb]",
+    )
+    return p.parse_args(argv)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """ "0=20GiB,1=20GiB,cpu=64GiB" → {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}."""
+    if not text:
+        return None
+    budget = {}
+    for part in text.split(","):
+        device, _, amount = part.partition("=")
+        device = device.strip()
+        budget[int(device) if device.isdigit() else device] = amount.strip()
+    return budget
+
+
+def load_model(args: argparse.Namespace):
+    """(model, banner): the named model, the default one, or the embedded tiny model as the fallback."""
+    options = dict(
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        max_memory=parse_max_memory(args.max_memory),
+        load_in_8bit=args.load_8bit,
+        load_in_4bit=args.load_4bit,
+    )
+    if args.model:  # a model the user named: failing to load it is an error, not a fallback
+        return blipdemo.load(args.model, **options), None
+    try:
+        return blipdemo.load(DEFAULT_MODEL, **options), None
+    except CheckpointUnavailable as e:
+        logging.warning("%s Starting on the embedded tiny model instead.", e)
+        banner = (
+            f"**Running on the embedded tiny model** — `{DEFAULT_MODEL}` could not be fetched here. It "
+            "answers questions about simple shapes scenes (try the examples); start with `--model` to "
+            "use a real checkpoint."
+        )
+        return blipdemo.load(EMBEDDED_MODEL, dtype=args.dtype, device=args.device), banner
+
+
+def build_demo(args: argparse.Namespace):
+    vlm, banner = load_model(args)
+    vlm.generation_time_limit = args.time_limit
+    demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples").build(concurrency_limit=args.concurrency)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency, api_open=False)
+    return demo
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    demo = build_demo(args)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=args.max_file_size,
+        allowed_paths=[str(ASSETS)],
+        enable_monitoring=False,
+        show_error=True,
+        css=CSS,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Attention maps: where in the picture the model looked, for each generated word and for the whole answer.
+
+A word reaches the image through two stages, and a token's map chains them:
+
+    map_t[p] = Σ_q  r_t[q] · C[q, p]
+
+- ``r_t[q]``: how much the LM attended to query position q when it produced token t (decoder-only:
+  self-attention from the producing position to the query positions; T5: decoder cross-attention to the
+  encoder's query positions), averaged over heads and layers, renormalized over the queries;
+- ``C[q, p]``: where query q read the image (the Q-Former's cross-attention over the patch tokens, CLS
+  dropped), averaged over heads and cross-attention layers, renormalized over the patches.
+
+The aggregation (mean over heads and layers) was chosen with the pointing game in ``benchmarks/``.
+Generation itself runs as in ``ask`` (SDPA everywhere); afterwards one teacher-forced pass over the
+answer records only what the maps need: the Q-Former's cross-attention (explicit path, this thread
+only) and the LM's attention weights (eager attention for that one pass).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .qformer import recording
+
+# matplotlib's "inferno" sampled at 17 points: perceptually uniform, dark → bright, readable over photos.
+INFERNO = np.array(
+    [
+        (0, 0, 4),
+        (11, 7, 36),
+        (33, 12, 74),
+        (61, 9, 101),
+        (87, 16, 110),
+        (113, 25, 110),
+        (138, 34, 106),
+        (163, 44, 97),
+        (188, 55, 84),
+        (210, 70, 68),
+        (228, 90, 49),
+        (241, 115, 29),
+        (249, 142, 9),
+        (252, 172, 17),
+        (249, 203, 53),
+        (242, 234, 105),
+        (252, 255, 164),
+    ],
+    dtype=np.float32,
+)
+_eager_lock = threading.Lock()
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats (H, W) → RGB uint8 (H, W, 3) through the inferno colormap."""
+    x = np.clip(values, 0.0, 1.0) * (len(INFERNO) - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, len(INFERNO) - 1)
+    frac = (x - lo)[..., None]
+    return (INFERNO[lo] * (1 - frac) + INFERNO[hi] * frac).round().astype(np.uint8)
+
+
+@dataclass
+class Explanation:
+    """What ``vlm.explain`` returns: the answer, its tokens, and a probability map per token and overall."""
+
+    text: str
+    tokens: list[str]
+    token_maps: np.ndarray  # (n_tokens, grid_h, grid_w), each sums to 1
+    image_map: np.ndarray  # (grid_h, grid_w), sums to 1
+    image: Image.Image = field(repr=False)  # the upright RGB picture the model saw
+
+    def overlay(self, token: int | None = None, alpha: float = 0.6) -> Image.Image:
+        """The map (of ``token``, or of the whole answer) over the image, at the image's own size."""
+        if token is None:
+            heat = self.image_map
+        else:
+            if not -len(self.tokens) <= token < len(self.tokens):
+                raise IndexError(f"token {token} is out of range: the answer has {len(self.tokens)} tokens")
+            heat = self.token_maps[token]
+        width, height = self.image.size
+        # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
+        up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
+        up = up - up.min()
+        up = up / up.max() if up.max() > 0 else up
+        colored = colormap(up).astype(np.float32)
+        base = np.asarray(self.image, dtype=np.float32)
+        weight = alpha * (0.35 + 0.65 * up[..., None])  # hot regions show more of the colormap
+        return Image.fromarray((base * (1 - weight) + colored * weight).round().astype(np.uint8))
+
+
+@contextmanager
+def eager_attention(model):
+    """Eager attention (which can return its weights) for the duration of one pass, then back."""
+    with _eager_lock:
+        previous = model.config._attn_implementation
+        if previous != "eager":
+            model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if previous != "eager":
+                model.set_attn_implementation(previous)
+
+
+def query_image_maps(records: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Q-Former cross-attention (per layer: (1, nh, Q, 1 + P)) → C (Q, P): mean over heads and layers."""
+    probs = torch.stack([r[0].float() for r in records]).mean(dim=(0, 1))  # (Q, 1 + P)
+    patches = probs[:, 1:]  # the CLS token is not a place in the picture
+    assert patches.shape[1] == grid[0] * grid[1]
+    return patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def token_query_weights(attentions, rows: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """LM attention (per layer: (1, nh, T, S)) from ``rows`` to the first ``num_queries`` columns → (n, Q)."""
+    weights = torch.stack([a[0, :, rows, :num_queries].float() for a in attentions])  # (L, nh, n, Q)
+    weights = weights.mean(dim=(0, 1))  # (n, Q)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def explain_answer(vlm, inputs, answer_ids: torch.Tensor, text: str, image: Image.Image) -> Explanation:
+    """Maps for ``answer_ids`` (what generation produced for ``inputs``), from one teacher-forced pass."""
+    q = vlm.config.num_query_tokens
+    grid = tuple(s // vlm.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
+    lm = vlm.language_model
+    with torch.inference_mode():
+        with recording(vlm.qformer.cross_attention_modules()) as records:
+            query_embeds = vlm.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
+        C = query_image_maps([r for rec in records.values() for r in rec], grid)  # (Q, P)
+        answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
+        with eager_attention(lm):
+            if vlm.is_encoder_decoder:
+                embeds, mask = vlm._language_inputs(query_embeds, inputs.input_ids, None)
+                start = torch.tensor([[lm.config.decoder_start_token_id]], device=answer.device)
+                decoder_ids = torch.cat([start, answer[:, :-1]], dim=1)  # position t produces answer token t
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    decoder_input_ids=decoder_ids.to(embeds.device),
+                    output_attentions=True,
+                )
+                attentions, rows = out.cross_attentions, torch.arange(answer.shape[1])
+            else:
+                ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)
+                embeds, mask = vlm._language_inputs(query_embeds, ids, None)
+                out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
+                first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
+                attentions, rows = out.attentions, torch.arange(first, first + answer.shape[1])
+        R = token_query_weights(attentions, rows, q)  # (n, Q)
+        maps = (R.to(C.device) @ C).reshape(-1, *grid)  # (n, gh, gw)
+    # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
+    pieces = [vlm.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
+    keep = [i for i, piece in enumerate(pieces) if piece]
+    tokens = [pieces[i] for i in keep]
+    token_maps = maps[keep] if keep else maps[:0]
+    whole = (token_maps if keep else maps).mean(0).cpu().numpy().astype(np.float64)
+    token_maps = token_maps.cpu().numpy().astype(np.float64)
+    token_maps /= np.maximum(token_maps.sum(axis=(1, 2), keepdims=True), 1e-300)
+    return Explanation(
+        text=text, tokens=tokens, token_maps=token_maps, image_map=whole / max(whole.sum(), 1e-300), image=image
+    )

@@ -1,0 +1,145 @@
+"""The running app, driven through gradio_client: every named endpoint, streaming and stop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from gradio_client import Client, handle_file
+
+import app as app_module
+from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint_dir, tmp_path_factory):
+    """The app on a random test checkpoint, launched in this process on a free loopback port."""
+    folder = checkpoint_dir("instructblip", "llama")
+    port = free_port()
+    args = app_module.parse_args(
+        ["--model", str(folder), "--dtype", "float32", "--port", str(port), "--queue-size", "16"]
+    )
+    demo = app_module.build_demo(args)
+    demo.launch(
+        server_name=args.host,
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        max_file_size=args.max_file_size,
+        allowed_paths=[str(app_module.ASSETS)],
+        enable_monitoring=False,
+    )
+    vlm = demo.fns  # noqa: F841 - keep demo alive
+    try:
+        yield demo, f"http://127.0.0.1:{port}/", folder
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def model(served):
+    import blipdemo
+
+    return blipdemo.load(served[2], dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def image_file(images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "stripes.png"
+    images[1].save(path)
+    return path
+
+
+def test_endpoints_are_named_and_defaulted(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/ask", "/stream"} <= set(info)
+    params = info["/ask"]["parameters"]
+    assert params[0]["component"] == "Image" and params[1]["component"] == "Textbox"
+    assert all(p["parameter_has_default"] for p in params[2:])
+
+
+def test_ask_endpoint_matches_the_library(client, model, image_file):
+    answer = client.predict(handle_file(str(image_file)), "Describe the image in detail.", api_name="/ask")
+    d = INSTRUCTBLIP_DEFAULTS
+    expected = model.ask(
+        image_file,
+        "Describe the image in detail.",
+        num_beams=d["num_beams"],
+        max_new_tokens=d["max_new_tokens"],
+        min_new_tokens=d["min_new_tokens"],
+        repetition_penalty=d["repetition_penalty"],
+        length_penalty=d["length_penalty"],
+        do_sample=False,
+    )
+    assert answer == expected
+
+
+def test_ask_endpoint_with_options(client, model, image_file):
+    answer = client.predict(handle_file(str(image_file)), "What color is it?", "Beam search", 1, 12, 0, api_name="/ask")
+    assert answer == model.ask(
+        image_file,
+        "What color is it?",
+        num_beams=1,
+        max_new_tokens=12,
+        min_new_tokens=0,
+        repetition_penalty=1.5,
+        length_penalty=1.0,
+    )
+
+
+def test_stream_endpoint_streams(client, model, image_file):
+    job = client.submit(
+        handle_file(str(image_file)), "Describe the image in detail.", "Nucleus sampling", 1, 40, 40, api_name="/stream"
+    )
+    outputs = list(job)
+    assert len(outputs) > 1, "the answer should arrive in several increments"
+    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
+
+
+def test_bad_requests_get_clear_errors_and_the_next_one_is_served(client, image_file):
+    with pytest.raises(Exception, match="Type a question"):
+        client.predict(handle_file(str(image_file)), "   ", api_name="/ask")
+    with pytest.raises(Exception, match="Upload an image"):
+        client.predict(None, "What is this?", api_name="/ask")
+    with pytest.raises(Exception, match="num_beams must be an integer from 1 to 10"):
+        client.predict(handle_file(str(image_file)), "What?", "Beam search", 0, api_name="/ask")
+    with pytest.raises(Exception, match="temperature must be"):
+        client.predict(
+            handle_file(str(image_file)), "What?", method="Nucleus sampling", temperature=1e9, api_name="/ask"
+        )
+    assert isinstance(client.predict(handle_file(str(image_file)), "What?", "Beam search", 1, 4, api_name="/ask"), str)
+
+
+def test_cancelling_a_stream_frees_the_model(client, image_file):
+    job = client.submit(
+        handle_file(str(image_file)),
+        "Describe the image in detail.",
+        "Nucleus sampling",
+        1,
+        512,
+        512,
+        api_name="/stream",
+    )
+    deadline = time.time() + 60
+    while len(job.outputs()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert any(t.name == "blipdemo-generate" for t in threading.enumerate())
+    job.cancel()
+    stopped = time.time()
+    while any(t.name == "blipdemo-generate" for t in threading.enumerate()) and time.time() - stopped < 5:
+        time.sleep(0.05)
+    assert not any(t.name == "blipdemo-generate" for t in threading.enumerate()), "generation kept running"
+    assert isinstance(client.predict(handle_file(str(image_file)), "What?", "Beam search", 1, 4, api_name="/ask"), str)

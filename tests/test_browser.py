@@ -1,0 +1,127 @@
+"""The app in a real headless Chromium (Debian's chromium, driven by Python playwright).
+
+Upload an image, ask, watch the streamed answer appear, change a slider, clear; screenshots at
+1280×800 and at a phone width are saved under artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from test_app import free_port
+
+import app as app_module
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+EXAMPLES = app_module.ASSETS / "examples"
+
+if not Path(CHROMIUM).exists():  # pragma: no cover - .ci/run installs it
+    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+
+@pytest.fixture(scope="module")
+def url():
+    """The app as `python app.py` builds it, on the embedded model, on a free loopback port."""
+    port = free_port()
+    args = app_module.parse_args(["--model", str(app_module.EMBEDDED_MODEL), "--port", str(port)])
+    demo = app_module.build_demo(args)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        allowed_paths=[str(app_module.ASSETS)],
+        enable_monitoring=False,
+        css=app_module.CSS,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def _bot_messages(page):
+    return page.locator("#chat [data-testid=bot]")
+
+
+def test_chat_in_the_browser(url, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    example = json.loads((EXAMPLES / "examples.json").read_text())[0]
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    assert "shapes-instructblip" in page.locator("#header").inner_text()
+
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / example["image"]))
+    page.wait_for_selector("#image img", timeout=20_000)
+    page.locator("#instruction textarea").fill(example["question"])
+    page.locator("#send").click()
+    # The answer streams in: its text grows until it is the whole answer.
+    seen = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if _bot_messages(page).count():
+            text = _bot_messages(page).last.inner_text().strip()
+            if not seen or text != seen[-1]:
+                seen.append(text)
+            if text == example["answer"]:
+                break
+        time.sleep(0.02)
+    assert seen and seen[-1] == example["answer"], seen
+    assert page.locator("#instruction textarea").input_value() == ""
+    page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
+
+    # Change a slider: at most 2 new tokens cuts the description short.
+    page.locator("#decoding").get_by_text("Decoding").click()
+    number = page.locator("#max-new-tokens input[type=number]")
+    number.fill("2")
+    number.press("Enter")
+    page.locator("#instruction textarea").fill(example["question"])
+    page.locator("#send").click()
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 2", timeout=60_000)
+    deadline = time.time() + 30
+    while time.time() < deadline and _bot_messages(page).last.inner_text().strip() == "":
+        time.sleep(0.05)
+    time.sleep(1)
+    short = _bot_messages(page).last.inner_text().strip()
+    assert short and len(short) < len(example["answer"]) and example["answer"].startswith(short.split()[0])
+
+    page.locator("#clear").click()
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
+    page.close()
+
+
+def test_phone_width_layout(url, browser):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    # Nothing may overflow sideways on a phone.
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    page.screenshot(path=str(ARTIFACTS / "app-phone.png"), full_page=True)
+    page.close()
