@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,10 +187,8 @@ class Demo:
             length_penalty,
         )
         pil, opts = self._check(image, instruction, options)
-        answer = ""
-        for answer in self._stream(pil, instruction, (), opts, threading.Event()):
-            pass
-        return answer
+        last = deque(self._stream(pil, instruction, (), opts, threading.Event()), maxlen=1)
+        return last[0] if last else ""
 
     @gpu
     def api_stream(
