@@ -106,30 +106,45 @@ def eager_attention(model):
                 model.set_attn_implementation(previous)
 
 
-def query_image_maps(records: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-    """Q-Former cross-attention (per layer: (1, nh, Q, 1 + P)) → C (Q, P): mean over heads and layers."""
+AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
+
+
+def query_image_maps(records: list[torch.Tensor], grid: tuple[int, int], aggregate: str = "mean") -> torch.Tensor:
+    """Q-Former cross-attention (per layer: (1, nh, Q, 1 + P)) → C (Q, P): mean over heads and layers
+    ("last": the last cross-attention layer only)."""
+    records = records[-1:] if aggregate == "last" else records
     probs = torch.stack([r[0].float() for r in records]).mean(dim=(0, 1))  # (Q, 1 + P)
     patches = probs[:, 1:]  # the CLS token is not a place in the picture
     assert patches.shape[1] == grid[0] * grid[1]
     return patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def token_query_weights(attentions, rows: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """LM attention (per layer: (1, nh, T, S)) from ``rows`` to the first ``num_queries`` columns → (n, Q)."""
+def token_query_weights(attentions, rows: torch.Tensor, num_queries: int, aggregate: str = "mean") -> torch.Tensor:
+    """LM attention (per layer: (1, nh, T, S)) from ``rows`` to the first ``num_queries`` columns → (n, Q).
+
+    "mean": over layers and heads; "last": the last layer's heads; "qformer": uniform over the queries (what
+    averaging the Q-Former's cross-attention alone amounts to — the baseline the maps are measured against)."""
+    if aggregate == "qformer":
+        return torch.full((len(rows), num_queries), 1.0 / num_queries)
+    attentions = attentions[-1:] if aggregate == "last" else attentions
     weights = torch.stack([a[0, :, rows, :num_queries].float() for a in attentions])  # (L, nh, n, Q)
     weights = weights.mean(dim=(0, 1))  # (n, Q)
     return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def explain_answer(vlm, inputs, answer_ids: torch.Tensor, text: str, image: Image.Image) -> Explanation:
+def explain_answer(
+    vlm, inputs, answer_ids: torch.Tensor, text: str, image: Image.Image, aggregate: str = "mean"
+) -> Explanation:
     """Maps for ``answer_ids`` (what generation produced for ``inputs``), from one teacher-forced pass."""
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
     q = vlm.config.num_query_tokens
     grid = tuple(s // vlm.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
     lm = vlm.language_model
     with torch.inference_mode():
         with recording(vlm.qformer.cross_attention_modules()) as records:
             query_embeds = vlm.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
-        C = query_image_maps([r for rec in records.values() for r in rec], grid)  # (Q, P)
+        C = query_image_maps([r for rec in records.values() for r in rec], grid, aggregate)  # (Q, P)
         answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
         with eager_attention(lm):
             if vlm.is_encoder_decoder:
@@ -149,7 +164,7 @@ def explain_answer(vlm, inputs, answer_ids: torch.Tensor, text: str, image: Imag
                 out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
                 first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
                 attentions, rows = out.attentions, torch.arange(first, first + answer.shape[1])
-        R = token_query_weights(attentions, rows, q)  # (n, Q)
+        R = token_query_weights(attentions, rows, q, aggregate)  # (n, Q)
         maps = (R.to(C.device) @ C).reshape(-1, *grid)  # (n, gh, gw)
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
     pieces = [vlm.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]

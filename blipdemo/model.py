@@ -297,10 +297,37 @@ class VisionLanguageModel(nn.Module):
         """Token ids of the answer (1-D, special tokens included)."""
         return self._generate(image, prompt, history, options)[1]
 
-    def explain(self, image, prompt: str, *, history: Sequence = (), **options) -> Explanation:
-        """``ask`` plus attention maps: per generated token and for the whole answer (see ``attention.py``)."""
-        inputs, ids = self._generate(image, prompt, history, options)
-        return explain_answer(self, inputs, ids, self._decode(ids), inputs.image)
+    def explain(
+        self, image, prompt: str, *, history: Sequence = (), answer: str | None = None, **options
+    ) -> Explanation:
+        """``ask`` plus attention maps: per generated token and for the whole answer (see ``attention.py``).
+
+        With ``answer`` (text the model already gave, e.g. a streamed answer), nothing is generated: the maps
+        are those of the model producing exactly that answer (one teacher-forced pass).
+        """
+        if answer is None:
+            inputs, ids = self._generate(image, prompt, history, options)
+            return explain_answer(self, inputs, ids, self._decode(ids), inputs.image)
+        with torch.inference_mode():
+            inputs = self.prepare(image, prompt, history, decoding.validate(options)["max_new_tokens"])
+        text = answer.strip()
+        return explain_answer(self, inputs, self._answer_ids(inputs, text), text, inputs.image)
+
+    def _answer_ids(self, inputs: PreparedInputs, text: str) -> torch.Tensor:
+        """Token ids of a given answer as the model would have produced them, EOS included."""
+        if self.is_encoder_decoder:
+            ids = self._tokenize(self.tokenizer, text)  # T5 appends EOS itself
+            return torch.tensor(ids)
+        # Tokenize prompt and answer together so the boundary is what generation saw (" red", not "red").
+        prompt_ids = inputs.input_ids[0].tolist()
+        joint = self._tokenize(self.tokenizer, inputs.prompt + " " + text)
+        if joint[: len(prompt_ids)] == prompt_ids:
+            ids = joint[len(prompt_ids) :]
+        else:
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        eos = self.language_model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        return torch.tensor(ids + ([eos] if eos is not None else []))
 
     def ask(self, image, prompt: str, *, history: Sequence = (), **options) -> str:
         """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns."""

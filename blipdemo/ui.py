@@ -21,6 +21,7 @@ from .images import ImageError, load_image
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
 CONCURRENCY_ID = "model"
+WHOLE_ANSWER = "Whole answer"
 FAMILY_NAMES = {
     "instructblip": "InstructBLIP",
     "blip2": "BLIP-2",
@@ -43,6 +44,18 @@ CSS = """
 .compact-row {gap: 6px; flex-wrap: nowrap}
 .compact-row button {padding-left: 4px; padding-right: 4px}
 """
+
+
+class ImageInput(gr.Image):
+    """gr.Image that hands over the uploaded file untouched: our loader (``images.load_image``) opens it, with
+    clear messages for damaged files, SVGs and decompression bombs, EXIF rotation and 16-bit scaling."""
+
+    is_template = True  # rendered by the frontend as a plain gr.Image
+
+    def preprocess(self, payload):
+        if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
+            return super().preprocess(payload)
+        return payload.path
 
 
 def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
@@ -130,27 +143,51 @@ class Demo:
             event.set()
 
     @gpu
-    def respond(self, image, instruction, chat, *options, request: gr.Request = None):
-        """Chat handler: append the turn and stream the answer into it."""
+    def respond(self, image, instruction, chat, show_maps, *options, request: gr.Request = None):
+        """Chat handler: append the turn, stream the answer into it, then (optionally) its attention maps."""
         pil, opts = self._check(image, instruction, options)
         chat = list(chat or [])
         history = _turns(chat)
         chat += [{"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
-        yield chat, ""
+        unchanged = (gr.skip(), gr.skip(), gr.skip())
+        yield chat, "", *unchanged
+        answer = ""
         try:
             for answer in self._stream(pil, instruction, history, opts, self._stop_event(request)):
                 chat[-1] = {"role": "assistant", "content": answer}
-                yield chat, ""
+                yield chat, "", *unchanged
         except gr.Error:
-            yield chat[:-2], instruction  # give the turn back, as it was typed
+            yield chat[:-2], instruction, *unchanged  # give the turn back, as it was typed
             raise
+        if show_maps and answer.strip():
+            explanation = self.vlm.explain(pil, instruction, history=history, answer=answer)
+            yield chat, "", explanation, gr.update(value=explanation.overlay(), visible=True), self._words(explanation)
 
-    def regenerate(self, image, chat, *options, request: gr.Request = None):
+    @staticmethod
+    def _words(explanation) -> dict:
+        """The answer's words as chips: the whole answer first, then each token."""
+        chips = [(WHOLE_ANSWER, -1)] + [(t.strip() or "␣", i) for i, t in enumerate(explanation.tokens)]
+        return gr.update(choices=chips, value=-1, visible=True)
+
+    @staticmethod
+    def show_word(explanation, choice):
+        """A chip was clicked: that token's map (or the whole answer's) over the image."""
+        if explanation is None or choice is None:
+            return gr.skip()
+        return explanation.overlay(None if choice == -1 else int(choice))
+
+    @staticmethod
+    def toggle_maps(show: bool, explanation):
+        """Turning maps off hides them; turning them on shows the last answer's maps (if any)."""
+        visible = gr.update(visible=bool(show and explanation is not None))
+        return visible, visible
+
+    def regenerate(self, image, chat, show_maps, *options, request: gr.Request = None):
         """Answer the last question again (with the current decoding settings)."""
         turns = _turns(chat)
         if not turns:
             raise gr.Error("There is no answer to regenerate yet.")
-        yield from self.respond(image, turns[-1][0], list(chat)[:-2], *options, request=request)
+        yield from self.respond(image, turns[-1][0], list(chat)[:-2], show_maps, *options, request=request)
 
     @staticmethod
     def undo(chat):
@@ -249,7 +286,7 @@ class Demo:
                 gr.Markdown(self.notice, elem_id="banner")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=4, min_width=300):
-                    image = gr.Image(
+                    image = ImageInput(
                         label="Image",
                         type="filepath",
                         image_mode=None,
@@ -258,6 +295,21 @@ class Demo:
                         height=340,
                         elem_id="image",
                     )
+                    show_maps = gr.Checkbox(
+                        True, label="Show where the model looked (attention maps)", elem_id="show-maps"
+                    )
+                    heat = gr.Image(
+                        label="Where the model looked",
+                        interactive=False,
+                        height=300,
+                        visible=False,
+                        elem_id="heatmap",
+                        buttons=["fullscreen"],
+                    )
+                    words = gr.Radio(
+                        [], label="Words of the answer: click one to see its map", visible=False, elem_id="words"
+                    )
+                    explanation = gr.State(None)
                     with gr.Accordion("Decoding", open=False, elem_id="decoding"):
                         method = gr.Radio([BEAM, SAMPLE], value=BEAM, label="Method")
                         beams = gr.Slider(1, 10, value=d["num_beams"], step=1, label="Beams")
@@ -307,30 +359,42 @@ class Demo:
                 queue=False,
                 api_visibility="private",
             )
+            reply = [chat, instruction, explanation, heat, words]
             ask = dict(
                 fn=self.respond,
-                inputs=[image, instruction, chat, *options],
-                outputs=[chat, instruction],
+                inputs=[image, instruction, chat, show_maps, *options],
+                outputs=reply,
                 api_visibility="undocumented",
                 **model_event,
             )
             sent = send.click(api_name="chat", **ask)
             submitted = instruction.submit(api_name=False, **ask)
             regenerated = regen.click(
-                self.regenerate, [image, chat, *options], [chat, instruction], api_visibility="private", **model_event
+                self.regenerate, [image, chat, show_maps, *options], reply, api_visibility="private", **model_event
             )
             stop.click(
                 self.stop, None, None, cancels=[sent, submitted, regenerated], queue=False, api_visibility="private"
             )
+            words.select(self.show_word, [explanation, words], heat, queue=False, api_visibility="private")
+            show_maps.change(
+                self.toggle_maps, [show_maps, explanation], [heat, words], queue=False, api_visibility="private"
+            )
             undo.click(self.undo, chat, [chat, instruction], queue=False, api_visibility="private")
-            clear.click(lambda: ([], ""), None, [chat, instruction], queue=False, api_visibility="private")
-            image.change(lambda: ([], ""), None, [chat, instruction], queue=False, api_visibility="private")
+            reset = lambda: (
+                [],
+                "",
+                None,
+                gr.update(value=None, visible=False),
+                gr.update(choices=[], value=None, visible=False),
+            )
+            clear.click(reset, None, reply, queue=False, api_visibility="private")
+            image.change(reset, None, reply, queue=False, api_visibility="private")  # a new image: a new chat
 
             # Named API endpoints: image and instruction first, every decoding option defaulted. The options
             # are plain numbers (not the sliders) so that our validator, which names the parameter and its
             # range, judges what an API caller sends.
             with gr.Group(visible=False):
-                api_image = gr.Image(label="image", type="filepath", image_mode=None, format="png")
+                api_image = ImageInput(label="image", type="filepath", image_mode=None, format="png")
                 api_text = gr.Textbox(label="instruction")
                 api_options = [gr.Textbox(value=BEAM, label="method")] + [
                     gr.Number(value=d[name], label=name, precision=None)
