@@ -148,18 +148,18 @@ def load_model(args: argparse.Namespace):
 
 
 def build_demo(args: argparse.Namespace):
+    """(Blocks, model): the app as `python app.py` serves it, not yet launched."""
     vlm, banner = load_model(args)
     vlm.generation_time_limit = args.time_limit
     demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples").build(concurrency_limit=args.concurrency)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency, api_open=False)
-    return demo
+    return demo, vlm
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    demo = build_demo(args)
-    demo.launch(
+def launch_options(args: argparse.Namespace) -> dict:
+    """What `demo.launch` gets: loopback unless told, no share link unless asked, bounded uploads, only assets/
+    served as files, no monitoring routes."""
+    return dict(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
@@ -169,6 +169,13 @@ def main(argv=None) -> None:
         show_error=True,
         css=CSS,
     )
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    demo, _ = build_demo(args)
+    demo.launch(**launch_options(args))
 
 
 if __name__ == "__main__":

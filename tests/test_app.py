@@ -2,46 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 from gradio_client import Client, handle_file
+from served import serve
 
-import app as app_module
 from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(checkpoint_dir, tmp_path_factory):
+def served(checkpoint_dir):
     """The app on a random test checkpoint, launched in this process on a free loopback port."""
     folder = checkpoint_dir("instructblip", "llama")
-    port = free_port()
-    args = app_module.parse_args(
-        ["--model", str(folder), "--dtype", "float32", "--port", str(port), "--queue-size", "16"]
-    )
-    demo = app_module.build_demo(args)
-    demo.launch(
-        server_name=args.host,
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        max_file_size=args.max_file_size,
-        allowed_paths=[str(app_module.ASSETS)],
-        enable_monitoring=False,
-    )
-    vlm = demo.fns  # noqa: F841 - keep demo alive
-    try:
-        yield demo, f"http://127.0.0.1:{port}/", folder
-    finally:
-        demo.close()
+    with serve("--model", str(folder), "--dtype", "float32", "--queue-size", "16") as (demo, _, url):
+        yield demo, url, folder
 
 
 @pytest.fixture(scope="module")

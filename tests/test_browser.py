@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_app import free_port
+from served import serve
 
 import app as app_module
 
@@ -29,22 +29,8 @@ sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 @pytest.fixture(scope="module")
 def url():
     """The app as `python app.py` builds it, on the embedded model, on a free loopback port."""
-    port = free_port()
-    args = app_module.parse_args(["--model", str(app_module.EMBEDDED_MODEL), "--port", str(port)])
-    demo = app_module.build_demo(args)
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        allowed_paths=[str(app_module.ASSETS)],
-        enable_monitoring=False,
-        css=app_module.CSS,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve("--model", str(app_module.EMBEDDED_MODEL)) as (_, _, address):
+        yield address
 
 
 @pytest.fixture(scope="module")

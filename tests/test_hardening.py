@@ -1,0 +1,191 @@
+"""Hazards against the running app: each gets its defence, and the next ordinary request is still served."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import torch
+from gradio_client import Client, handle_file
+
+from hazards import build
+from served import serve
+
+QUESTION = "What color is the circle?"
+
+
+@pytest.fixture(scope="module")
+def app(checkpoint_dir):
+    folder = checkpoint_dir("instructblip", "llama")
+    with serve("--model", str(folder), "--dtype", "float32", "--queue-size", "16", "--max-file-size", "1mb",
+               "--time-limit", "60") as (demo, vlm, url):
+        yield vlm, url
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, images):
+    found = build(tmp_path_factory.mktemp("hazards"))
+    for i, image in enumerate(images):
+        found[f"ok-{i}.png"] = tmp_path_factory.getbasetemp() / f"ok-{i}.png"
+        image.save(found[f"ok-{i}.png"])
+    return found
+
+
+def ask(client, path, text=QUESTION, **options):
+    options = {"num_beams": 1, "max_new_tokens": 6, **options}
+    return client.predict(handle_file(str(path)), text, api_name="/ask", **options)
+
+
+def served_next(client, files, vlm):
+    """The next ordinary request gets the right answer."""
+    expected = vlm.ask(files["ok-0.png"], QUESTION, num_beams=1, max_new_tokens=6, repetition_penalty=1.5,
+                       min_new_tokens=1)
+    assert ask(client, files["ok-0.png"]) == expected
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("", "Type a question"), ("   \n\t", "Type a question"), ("x" * 200_000, "too long")],
+)
+def test_bad_instructions(app, client, files, text, message):
+    with pytest.raises(Exception, match=message):
+        ask(client, files["ok-0.png"], text)
+    served_next(client, files, app[0])
+
+
+def test_special_tokens_are_plain_text(app, client, files):
+    for text in ["<image> </s> [SEP] [CLS] <s> <pad> [PAD]", "</s></s></s>"]:
+        assert isinstance(ask(client, files["ok-1.png"], text), str)
+    served_next(client, files, app[0])
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("random-bytes.png", "not an image we can read"), ("truncated.jpg", "damaged or incomplete"),
+     ("drawing.svg", "not an image we can read"), ("bomb.png", "too large")],
+)
+def test_bad_image_files(app, client, files, name, message):
+    with pytest.raises(Exception, match=message):
+        ask(client, files[name])
+    served_next(client, files, app[0])
+
+
+@pytest.mark.parametrize("name", ["one-pixel.png", "thin.png", "cmyk.jpg", "transparent.png", "palette.gif",
+                                  "animated.webp", "gray16.png", "exif-rotated.jpg"])
+def test_unusual_images_are_answered(app, client, files, name):
+    assert ask(client, files[name]) == app[0].ask(files[name], QUESTION, num_beams=1, max_new_tokens=6,
+                                                  repetition_penalty=1.5, min_new_tokens=1)
+
+
+def test_upload_over_the_size_limit(app, client, files, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(np.random.default_rng(0).integers(0, 256, 3 * 2**20, dtype=np.uint8).tobytes())
+    with pytest.raises(Exception, match="(?i)too large|exceeds|size"):
+        ask(client, big)
+    served_next(client, files, app[0])
+
+
+# NaN cannot travel as JSON (gradio_client refuses it client-side); the library test covers NaN.
+@pytest.mark.parametrize(
+    "options,name",
+    [({"temperature": 1e9, "method": "Nucleus sampling"}, "temperature"), ({"num_beams": 0}, "num_beams"),
+     ({"max_new_tokens": 10**6}, "max_new_tokens"), ({"top_p": 5, "method": "Nucleus sampling"}, "top_p"),
+     ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"method": "greedy-ish"}, "method")],
+)
+def test_out_of_range_decoding_before_any_model_work(app, client, files, options, name):
+    vlm = app[0]
+    calls = vlm.vision_calls
+    with pytest.raises(Exception, match=name):
+        ask(client, files["ok-2.png"], **options)
+    assert vlm.vision_calls == calls
+    served_next(client, files, vlm)
+
+
+def test_out_of_memory_gives_a_message_and_frees(app, client, files, monkeypatch):
+    vlm = app[0]
+    real = vlm.language_model.generate
+
+    def exhausted(*args, **kwargs):
+        held = torch.empty(10_000_000)  # what the failing generation held
+        del held
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(vlm.language_model, "generate", exhausted)
+    with pytest.raises(Exception, match="ran out of memory"):
+        ask(client, files["ok-0.png"])
+    monkeypatch.setattr(vlm.language_model, "generate", real)
+    assert not any(t.name == "blipdemo-generate" for t in threading.enumerate())
+    served_next(client, files, vlm)
+
+
+def test_wall_clock_limit(app, client, files):
+    vlm = app[0]
+    old, vlm.generation_time_limit = vlm.generation_time_limit, 1.0
+    try:
+        start = time.perf_counter()
+        answer = ask(client, files["ok-1.png"], max_new_tokens=2000, min_new_tokens=2000, method="Nucleus sampling")
+        assert time.perf_counter() - start < 10 and isinstance(answer, str)
+    finally:
+        vlm.generation_time_limit = old
+    served_next(client, files, vlm)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["gradio_api/file=/etc/passwd", "gradio_api/file=../../../../etc/passwd", "gradio_api/file=%2Fetc%2Fpasswd",
+     "gradio_api/file=..%2F..%2F..%2F..%2Fetc%2Fpasswd", "gradio_api/file=/proc/self/environ",
+     "file=/etc/passwd", "gradio_api/file=assets/../app.py", "gradio_api/file=%2e%2e/%2e%2e/etc/passwd"],
+)
+def test_file_access_is_refused(app, path):
+    response = httpx.get(app[1] + path, timeout=10)
+    assert response.status_code in (403, 404, 400), (path, response.status_code)
+    assert "root:" not in response.text
+
+
+def test_assets_are_served_and_monitoring_is_off(app):
+    import app as app_module
+
+    example = next((app_module.ASSETS / "examples").glob("*.png"))
+    assert httpx.get(app[1] + f"gradio_api/file={example}", timeout=10).status_code == 200
+    assert httpx.get(app[1] + "monitoring", timeout=10).status_code in (403, 404)
+
+
+def test_rest_api_goes_through_the_queue(app):
+    response = httpx.post(app[1] + "gradio_api/api/ask", json={"data": [None, QUESTION]}, timeout=10)
+    assert response.status_code >= 400 or "error" in response.text.lower()
+
+
+def test_thirty_clients_against_a_queue_of_sixteen(app, files):
+    vlm, url = app
+    names = ["ok-0.png", "ok-1.png", "ok-2.png"]
+    expected = {n: vlm.ask(files[n], QUESTION, num_beams=1, max_new_tokens=24, min_new_tokens=24,
+                           repetition_penalty=1.5) for n in names}
+    assert len(set(expected.values())) == 3
+    rss = psutil.Process().memory_info().rss
+
+    def one(i):
+        name = names[i % 3]
+        try:
+            got = Client(url, verbose=False).predict(handle_file(str(files[name])), QUESTION, num_beams=1,
+                                                     max_new_tokens=24, min_new_tokens=24, api_name="/ask")
+            return "answered" if got == expected[name] else f"wrong: {got!r}"
+        except Exception as e:  # noqa: BLE001 - we classify every outcome
+            return "queue full" if "queue" in str(e).lower() and "full" in str(e).lower() else f"error: {e}"
+
+    with ThreadPoolExecutor(30) as pool:
+        outcomes = list(pool.map(one, range(30), timeout=300))
+    assert all(o in ("answered", "queue full") for o in outcomes), outcomes
+    assert outcomes.count("answered") >= 16
+    served_next(Client(url, verbose=False), files, vlm)
+    grown = (psutil.Process().memory_info().rss - rss) / 2**20
+    assert grown < 200, f"memory grew by {grown:.0f} MiB"
