@@ -32,10 +32,8 @@ try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function 
 
     gpu = spaces.GPU(duration=120)
 except ImportError:  # anywhere else: nothing special
-
     def gpu(fn):
         return fn
-
 
 CSS = """
 #header {margin-bottom: 0}
@@ -44,8 +42,6 @@ CSS = """
 .compact-row {gap: 6px; flex-wrap: nowrap}
 .compact-row button {padding-left: 4px; padding-right: 4px}
 """
-
-from gradio.events import Dependency
 
 class ImageInput(gr.Image):
     """gr.Image that hands over the uploaded file untouched: our loader (``images.load_image``) opens it, with
@@ -57,12 +53,14 @@ class ImageInput(gr.Image):
         if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
             return super().preprocess(payload)
         return payload.path
-    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from collections.abc import Callable, Sequence
+    from typing import TYPE_CHECKING, Any, Literal
+
     from gradio.blocks import Block
+
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
-
 
 def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
     """UI controls → validated ``generate`` options (ValueError with the parameter's name if out of range)."""
@@ -79,7 +77,6 @@ def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, tempe
         raise ValueError(f"method must be {BEAM!r} or {SAMPLE!r}, got {method!r}")
     return validate(options)
 
-
 def _turns(chat: list[dict]) -> list[tuple[str, str]]:
     """Chatbot messages → (question, answer) pairs of finished turns."""
     turns, question = [], None
@@ -93,7 +90,6 @@ def _turns(chat: list[dict]) -> list[tuple[str, str]]:
             turns.append((question, content or ""))
             question = None
     return turns
-
 
 class Demo:
     """The app around one loaded model; ``build()`` returns the Gradio Blocks."""

@@ -12,7 +12,6 @@ import psutil
 import pytest
 import torch
 from gradio_client import Client, handle_file
-
 from hazards import build
 from served import serve
 
@@ -22,8 +21,18 @@ QUESTION = "What color is the circle?"
 @pytest.fixture(scope="module")
 def app(checkpoint_dir):
     folder = checkpoint_dir("instructblip", "llama")
-    with serve("--model", str(folder), "--dtype", "float32", "--queue-size", "16", "--max-file-size", "1mb",
-               "--time-limit", "60") as (demo, vlm, url):
+    with serve(
+        "--model",
+        str(folder),
+        "--dtype",
+        "float32",
+        "--queue-size",
+        "16",
+        "--max-file-size",
+        "1mb",
+        "--time-limit",
+        "60",
+    ) as (demo, vlm, url):
         yield vlm, url
 
 
@@ -48,8 +57,9 @@ def ask(client, path, text=QUESTION, **options):
 
 def served_next(client, files, vlm):
     """The next ordinary request gets the right answer."""
-    expected = vlm.ask(files["ok-0.png"], QUESTION, num_beams=1, max_new_tokens=6, repetition_penalty=1.5,
-                       min_new_tokens=1)
+    expected = vlm.ask(
+        files["ok-0.png"], QUESTION, num_beams=1, max_new_tokens=6, repetition_penalty=1.5, min_new_tokens=1
+    )
     assert ask(client, files["ok-0.png"]) == expected
 
 
@@ -71,8 +81,12 @@ def test_special_tokens_are_plain_text(app, client, files):
 
 @pytest.mark.parametrize(
     "name,message",
-    [("random-bytes.png", "not an image we can read"), ("truncated.jpg", "damaged or incomplete"),
-     ("drawing.svg", "not an image we can read"), ("bomb.png", "too large")],
+    [
+        ("random-bytes.png", "not an image we can read"),
+        ("truncated.jpg", "damaged or incomplete"),
+        ("drawing.svg", "not an image we can read"),
+        ("bomb.png", "too large"),
+    ],
 )
 def test_bad_image_files(app, client, files, name, message):
     with pytest.raises(Exception, match=message):
@@ -80,11 +94,23 @@ def test_bad_image_files(app, client, files, name, message):
     served_next(client, files, app[0])
 
 
-@pytest.mark.parametrize("name", ["one-pixel.png", "thin.png", "cmyk.jpg", "transparent.png", "palette.gif",
-                                  "animated.webp", "gray16.png", "exif-rotated.jpg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "one-pixel.png",
+        "thin.png",
+        "cmyk.jpg",
+        "transparent.png",
+        "palette.gif",
+        "animated.webp",
+        "gray16.png",
+        "exif-rotated.jpg",
+    ],
+)
 def test_unusual_images_are_answered(app, client, files, name):
-    assert ask(client, files[name]) == app[0].ask(files[name], QUESTION, num_beams=1, max_new_tokens=6,
-                                                  repetition_penalty=1.5, min_new_tokens=1)
+    assert ask(client, files[name]) == app[0].ask(
+        files[name], QUESTION, num_beams=1, max_new_tokens=6, repetition_penalty=1.5, min_new_tokens=1
+    )
 
 
 def test_upload_over_the_size_limit(app, client, files, tmp_path):
@@ -98,9 +124,14 @@ def test_upload_over_the_size_limit(app, client, files, tmp_path):
 # NaN cannot travel as JSON (gradio_client refuses it client-side); the library test covers NaN.
 @pytest.mark.parametrize(
     "options,name",
-    [({"temperature": 1e9, "method": "Nucleus sampling"}, "temperature"), ({"num_beams": 0}, "num_beams"),
-     ({"max_new_tokens": 10**6}, "max_new_tokens"), ({"top_p": 5, "method": "Nucleus sampling"}, "top_p"),
-     ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"method": "greedy-ish"}, "method")],
+    [
+        ({"temperature": 1e9, "method": "Nucleus sampling"}, "temperature"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"max_new_tokens": 10**6}, "max_new_tokens"),
+        ({"top_p": 5, "method": "Nucleus sampling"}, "top_p"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"method": "greedy-ish"}, "method"),
+    ],
 )
 def test_out_of_range_decoding_before_any_model_work(app, client, files, options, name):
     vlm = app[0]
@@ -142,9 +173,16 @@ def test_wall_clock_limit(app, client, files):
 
 @pytest.mark.parametrize(
     "path",
-    ["gradio_api/file=/etc/passwd", "gradio_api/file=../../../../etc/passwd", "gradio_api/file=%2Fetc%2Fpasswd",
-     "gradio_api/file=..%2F..%2F..%2F..%2Fetc%2Fpasswd", "gradio_api/file=/proc/self/environ",
-     "file=/etc/passwd", "gradio_api/file=assets/../app.py", "gradio_api/file=%2e%2e/%2e%2e/etc/passwd"],
+    [
+        "gradio_api/file=/etc/passwd",
+        "gradio_api/file=../../../../etc/passwd",
+        "gradio_api/file=%2Fetc%2Fpasswd",
+        "gradio_api/file=..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "gradio_api/file=/proc/self/environ",
+        "file=/etc/passwd",
+        "gradio_api/file=assets/../app.py",
+        "gradio_api/file=%2e%2e/%2e%2e/etc/passwd",
+    ],
 )
 def test_file_access_is_refused(app, path):
     response = httpx.get(app[1] + path, timeout=10)
@@ -168,16 +206,24 @@ def test_rest_api_goes_through_the_queue(app):
 def test_thirty_clients_against_a_queue_of_sixteen(app, files):
     vlm, url = app
     names = ["ok-0.png", "ok-1.png", "ok-2.png"]
-    expected = {n: vlm.ask(files[n], QUESTION, num_beams=1, max_new_tokens=24, min_new_tokens=24,
-                           repetition_penalty=1.5) for n in names}
+    expected = {
+        n: vlm.ask(files[n], QUESTION, num_beams=1, max_new_tokens=24, min_new_tokens=24, repetition_penalty=1.5)
+        for n in names
+    }
     assert len(set(expected.values())) == 3
     rss = psutil.Process().memory_info().rss
 
     def one(i):
         name = names[i % 3]
         try:
-            got = Client(url, verbose=False).predict(handle_file(str(files[name])), QUESTION, num_beams=1,
-                                                     max_new_tokens=24, min_new_tokens=24, api_name="/ask")
+            got = Client(url, verbose=False).predict(
+                handle_file(str(files[name])),
+                QUESTION,
+                num_beams=1,
+                max_new_tokens=24,
+                min_new_tokens=24,
+                api_name="/ask",
+            )
             return "answered" if got == expected[name] else f"wrong: {got!r}"
         except Exception as e:  # noqa: BLE001 - we classify every outcome
             return "queue full" if "queue" in str(e).lower() and "full" in str(e).lower() else f"error: {e}"
