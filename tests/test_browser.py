@@ -80,7 +80,19 @@ def test_chat_in_the_browser(url, browser):
         time.sleep(0.02)
     assert seen and seen[-1] == example["answer"], seen
     assert page.locator("#instruction textarea").input_value() == ""
+
+    # The answer's words appear as chips; clicking one shows that word's map over the image.
+    page.wait_for_selector("#words label", timeout=30_000)
+    chips = page.locator("#words label")
+    assert chips.count() == 1 + len(example["answer"].split()), chips.all_inner_texts()
+    heat = page.locator("#heatmap img")
+    whole = heat.get_attribute("src")
+    chips.nth(2).click()
+    page.wait_for_function(f"document.querySelector('#heatmap img').src != {whole!r}", timeout=20_000)
     page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
+    page.locator("#show-maps input").uncheck()
+    page.wait_for_selector("#heatmap", state="hidden", timeout=10_000)
+    page.locator("#show-maps input").check()
 
     # Change a slider: at most 2 new tokens cuts the description short.
     page.locator("#decoding").get_by_text("Decoding").click()
