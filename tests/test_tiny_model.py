@@ -41,7 +41,7 @@ def test_checkpoint_is_small_and_in_the_published_layout():
     for name in (
         "config.json",
         "model.safetensors",
-        "preprocessor_config.json",
+        "processor_config.json",
         "tokenizer.json",
         "qformer_tokenizer/tokenizer.json",
         "generation_config.json",
