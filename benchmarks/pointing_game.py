@@ -5,7 +5,9 @@
 For fresh shapes scenes (shared/scenes.md; a seed training never used):
 - "Where is the {color} {shape}?": the peak of the whole-answer map must fall inside the named object's box
   enlarged by 15 px;
-- "What color is the {shape}?": the same for the map of the answer's first token (the color word).
+- "What color is the {shape}?": the same for the map of the answer's first token (the color word);
+- "Describe the image." (2-3 objects): the map of each color word of the description must point at the
+  object that word describes — the per-word test, which a map that ignores the LM cannot pass.
 Against the random baseline (a uniformly random patch) and for each aggregation of attention.py.
 """
 
@@ -42,8 +44,9 @@ def inside(point, box, margin: int = MARGIN) -> bool:
 
 def run(model, n: int, seed: int) -> dict:
     rng = random.Random(seed)
-    hits = {(family, agg): 0 for family in ("where", "color") for agg in AGGREGATIONS}
-    baseline = {"where": 0.0, "color": 0.0}
+    hits = {(family, agg): 0 for family in ("where", "color", "describe") for agg in AGGREGATIONS}
+    baseline = {"where": 0.0, "color": 0.0, "describe": 0.0}
+    words = 0
     for _ in range(n):
         scene = scenes.sample_scene(rng)
         image = scenes.render(scene, rng)
@@ -61,8 +64,24 @@ def run(model, n: int, seed: int) -> dict:
                 hits[(family, agg)] += inside(centers[peak], target.box)
             centers = patch_centers(heat.shape).reshape(-1, 2)
             baseline[family] += np.mean([inside(c, target.box) for c in centers])
-    table = {f"{family} / {agg}": hits[(family, agg)] / n for family, agg in hits}
-    table.update({f"{family} / random patch": v / n for family, v in baseline.items()})
+        if len(scene.objects) > 1:
+            inputs, ids = model._generate(image, "Describe the image.", (), {"num_beams": 1, "max_new_tokens": 40})
+            for agg in AGGREGATIONS:
+                e = explain_answer(model, inputs, ids, "", image, aggregate=agg)
+                color_tokens = [i for i, t in enumerate(e.tokens) if t.strip() in scenes.COLORS]
+                for obj, i in zip(scene.objects, color_tokens, strict=False):
+                    heat = e.token_maps[i]
+                    peak = np.unravel_index(heat.argmax(), heat.shape)
+                    hits[("describe", agg)] += inside(patch_centers(heat.shape)[peak], obj.box)
+                    if agg == AGGREGATIONS[0]:
+                        words += 1
+                        centers = patch_centers(heat.shape).reshape(-1, 2)
+                        baseline["describe"] += np.mean([inside(c, obj.box) for c in centers])
+    table = {}
+    for family in ("where", "color", "describe"):
+        total = n if family != "describe" else max(words, 1)
+        table.update({f"{family} / {agg}": hits[(family, agg)] / total for agg in AGGREGATIONS})
+        table[f"{family} / random patch"] = baseline[family] / total
     return table
 
 

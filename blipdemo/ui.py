@@ -10,6 +10,7 @@ import json
 import threading
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -130,11 +131,17 @@ class Demo:
                 "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
             ) from e
 
-    def _stop_event(self, request: gr.Request | None) -> threading.Event:
+    @contextmanager
+    def _stop_event(self, request: gr.Request | None) -> Iterator[threading.Event]:
+        """This session's Stop switch, registered for as long as its generation runs."""
         key = getattr(request, "session_hash", None) or "default"
         event = threading.Event()
         self._stops[key] = event
-        return event
+        try:
+            yield event
+        finally:
+            if self._stops.get(key) is event:
+                del self._stops[key]
 
     def stop(self, request: gr.Request) -> None:
         """The Stop button: ends this session's generation (the worker thread, not just the stream)."""
@@ -153,9 +160,10 @@ class Demo:
         yield chat, "", *unchanged
         answer = ""
         try:
-            for answer in self._stream(pil, instruction, history, opts, self._stop_event(request)):
-                chat[-1] = {"role": "assistant", "content": answer}
-                yield chat, "", *unchanged
+            with self._stop_event(request) as stop:
+                for answer in self._stream(pil, instruction, history, opts, stop):
+                    chat[-1] = {"role": "assistant", "content": answer}
+                    yield chat, "", *unchanged
         except gr.Error:
             yield chat[:-2], instruction, *unchanged  # give the turn back, as it was typed
             raise
