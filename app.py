@@ -92,6 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="create a public gradio.live link [BLIPDEMO_SHARE=1]",
     )
     p.add_argument(
+        "--history-turns",
+        type=int,
+        default=int(_env("HISTORY_TURNS", -1)),
+        help="earlier chat turns given to the model with a new question (-1: all that fit; default -1, 0 for "
+        "the embedded model, which was trained on single questions) [BLIPDEMO_HISTORY_TURNS]",
+    )
+    p.add_argument(
         "--concurrency",
         type=int,
         default=int(_env("CONCURRENCY", 1)),
@@ -158,7 +165,11 @@ def build_demo(args: argparse.Namespace):
     """(Blocks, model): the app as `python app.py` serves it, not yet launched."""
     vlm, banner = load_model(args)
     vlm.generation_time_limit = args.time_limit
-    demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples").build(concurrency_limit=args.concurrency)
+    history_turns = args.history_turns if args.history_turns >= 0 else None
+    if history_turns is None and Path(vlm.load_info["folder"]).resolve() == EMBEDDED_MODEL.resolve():
+        history_turns = 0  # the embedded model was trained on single questions: each one stands alone
+    demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples", history_turns=history_turns)
+    demo = demo.build(concurrency_limit=args.concurrency)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency, api_open=False)
     return demo, vlm
 

@@ -41,9 +41,12 @@ except ImportError:  # anywhere else: nothing special
 CSS = """
 #header {margin-bottom: 0}
 #banner {background: var(--color-accent-soft); border-radius: 8px; padding: 6px 12px}
-#chat {min-height: 420px}
 .compact-row {gap: 6px; flex-wrap: nowrap}
 .compact-row button {padding-left: 4px; padding-right: 4px}
+@media (max-width: 640px) {
+  .compact-row {flex-wrap: wrap}
+  .compact-row button {min-width: 30% !important; flex: 1 1 30% !important}
+}
 """
 
 
@@ -93,8 +96,13 @@ def _turns(chat: list[dict]) -> list[tuple[str, str]]:
 class Demo:
     """The app around one loaded model; ``build()`` returns the Gradio Blocks."""
 
-    def __init__(self, vlm, *, notice: str | None = None, examples_dir: Path | None = None) -> None:
+    def __init__(
+        self, vlm, *, notice: str | None = None, examples_dir: Path | None = None, history_turns: int | None = None
+    ) -> None:
+        """``history_turns``: earlier turns put before a new question (None: all that fit; 0: none — for a
+        model trained on single questions, like the embedded one)."""
         self.vlm = vlm
+        self.history_turns = history_turns
         self.notice = notice
         self.examples_dir = examples_dir
         self._stops: dict[str, threading.Event] = {}
@@ -155,6 +163,8 @@ class Demo:
         pil, opts = self._check(image, instruction, options)
         chat = list(chat or [])
         history = _turns(chat)
+        if self.history_turns is not None:
+            history = history[len(history) - self.history_turns :] if self.history_turns else []
         chat += [{"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
         unchanged = (gr.skip(), gr.skip(), gr.skip())
         yield chat, "", *unchanged
@@ -273,8 +283,11 @@ class Demo:
             where = f"device map over {', '.join(devices)}"
         else:
             where = f"on {info.get('device', 'cpu')}"
+        name = str(info.get("name", "?"))
+        if Path(name).is_dir():  # a local folder: its name, not the server's file system layout
+            name = Path(name).name
         return (
-            f"### Chat about an image with `{info.get('name', '?')}`\n"
+            f"### Chat about an image with `{name}`\n"
             f"{FAMILY_NAMES[self.vlm.family]} · {info.get('dtype')} · {quant} · {where}"
         )
 
@@ -318,21 +331,6 @@ class Demo:
                         [], label="Words of the answer: click one to see its map", visible=False, elem_id="words"
                     )
                     explanation = gr.State(None)
-                    with gr.Accordion("Decoding", open=False, elem_id="decoding"):
-                        method = gr.Radio([BEAM, SAMPLE], value=BEAM, label="Method")
-                        beams = gr.Slider(1, 10, value=d["num_beams"], step=1, label="Beams")
-                        length = gr.Slider(-2, 2, value=d["length_penalty"], step=0.1, label="Length penalty")
-                        top_p = gr.Slider(0.05, 1.0, value=d["top_p"], step=0.05, label="Top-p", visible=False)
-                        temperature = gr.Slider(
-                            0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature", visible=False
-                        )
-                        max_new = gr.Slider(
-                            1, 512, value=d["max_new_tokens"], step=1, label="Max new tokens", elem_id="max-new-tokens"
-                        )
-                        min_new = gr.Slider(0, 64, value=d["min_new_tokens"], step=1, label="Min new tokens")
-                        repetition = gr.Slider(
-                            1.0, 3.0, value=d["repetition_penalty"], step=0.05, label="Repetition penalty"
-                        )
                 with gr.Column(scale=6, min_width=320):
                     chat = gr.Chatbot(
                         label="Conversation",
@@ -355,6 +353,21 @@ class Demo:
                         regen = gr.Button("Regenerate", scale=1, min_width=60, size="md", elem_id="regenerate")
                         undo = gr.Button("Undo", scale=1, min_width=60, size="md", elem_id="undo")
                         clear = gr.Button("Clear", scale=1, min_width=60, size="md", elem_id="clear")
+                    with gr.Accordion("Decoding", open=False, elem_id="decoding"):
+                        method = gr.Radio([BEAM, SAMPLE], value=BEAM, label="Method")
+                        beams = gr.Slider(1, 10, value=d["num_beams"], step=1, label="Beams")
+                        length = gr.Slider(-2, 2, value=d["length_penalty"], step=0.1, label="Length penalty")
+                        top_p = gr.Slider(0.05, 1.0, value=d["top_p"], step=0.05, label="Top-p", visible=False)
+                        temperature = gr.Slider(
+                            0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature", visible=False
+                        )
+                        max_new = gr.Slider(
+                            1, 512, value=d["max_new_tokens"], step=1, label="Max new tokens", elem_id="max-new-tokens"
+                        )
+                        min_new = gr.Slider(0, 64, value=d["min_new_tokens"], step=1, label="Min new tokens")
+                        repetition = gr.Slider(
+                            1.0, 3.0, value=d["repetition_penalty"], step=0.05, label="Repetition penalty"
+                        )
             examples = self.examples()
             if examples:
                 gr.Examples(examples, inputs=[image, instruction], label="Examples (made by this project)")

@@ -57,7 +57,6 @@ class ImageInput(gr.Image):
     from typing import TYPE_CHECKING, Any, Literal
 
     from gradio.blocks import Block
-
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component

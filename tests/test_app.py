@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
@@ -119,3 +120,43 @@ def test_cancelling_a_stream_frees_the_model(client, image_file):
         time.sleep(0.05)
     assert not any(t.name == "blipdemo-generate" for t in threading.enumerate()), "generation kept running"
     assert isinstance(client.predict(handle_file(str(image_file)), "What?", "Beam search", 1, 4, api_name="/ask"), str)
+
+
+def test_python_app_py_with_no_network_starts_on_the_embedded_model_and_answers_the_examples():
+    """`python app.py` as the README says, on this offline machine: the banner, and right answers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from served import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    env = {**os.environ, "BLIPDEMO_PORT": str(port)}
+    env.pop("BLIPDEMO_MODEL", None)
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(1)
+        else:
+            raise AssertionError("the app did not start")
+        assert "embedded tiny model" in json.dumps(client.config)
+        examples = json.loads((root / "assets" / "examples" / "examples.json").read_text())
+        for example in examples:
+            answer = client.predict(
+                handle_file(str(root / "assets" / "examples" / example["image"])), example["question"], api_name="/ask"
+            )
+            assert answer.strip().lower() == example["answer"], (example, answer)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

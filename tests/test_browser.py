@@ -89,16 +89,19 @@ def test_chat_in_the_browser(url, browser):
     whole = heat.get_attribute("src")
     chips.nth(2).click()
     page.wait_for_function(f"document.querySelector('#heatmap img').src != {whole!r}", timeout=20_000)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
+    page.screenshot(path=str(ARTIFACTS / "app-1280-full.png"), full_page=True)
     page.locator("#show-maps input").uncheck()
     page.wait_for_selector("#heatmap", state="hidden", timeout=10_000)
     page.locator("#show-maps input").check()
 
     # Change a slider: at most 2 new tokens cuts the description short.
     page.locator("#decoding").get_by_text("Decoding").click()
-    number = page.locator("#max-new-tokens input[type=number]")
-    number.fill("2")
-    number.press("Enter")
+    slider = page.locator("#max-new-tokens input[type=range]")
+    slider.wait_for(state="visible")
+    slider.fill("2")
+    page.wait_for_function("document.querySelector('#max-new-tokens input[type=range]').value == '2'", timeout=10_000)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 2", timeout=60_000)
@@ -121,5 +124,8 @@ def test_phone_width_layout(url, browser):
     # Nothing may overflow sideways on a phone.
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
+    for button in ("#send", "#stop", "#regenerate", "#undo", "#clear"):
+        box = page.locator(button).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390 + 0.5, (button, box)
     page.screenshot(path=str(ARTIFACTS / "app-phone.png"), full_page=True)
     page.close()
