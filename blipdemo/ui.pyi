@@ -53,9 +53,7 @@ class ImageInput(gr.Image):
         if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
             return super().preprocess(payload)
         return payload.path
-    from collections.abc import Callable, Sequence
-    from typing import TYPE_CHECKING, Any, Literal
-
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
