@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,12 +46,18 @@ class PreparedInputs:
 
 
 class _StopOnEvent(StoppingCriteria):
-    """Ends ``generate`` when the event is set (a streaming client left, or the user pressed Stop)."""
+    """Ends ``generate`` when the event is set (a streaming client left, or the user pressed Stop), or when the
+    reader has not come back for the next piece within ``idle_timeout`` seconds (it went away without a word)."""
 
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event, idle_timeout: float | None = None) -> None:
         self.event = event
+        self.idle_timeout = idle_timeout
+        self.suspended_since: float | None = None  # set while the reader holds a piece and has not asked again
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        since = self.suspended_since
+        if self.idle_timeout is not None and since is not None and time.monotonic() - since > self.idle_timeout:
+            self.event.set()
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -340,16 +347,20 @@ class VisionLanguageModel(nn.Module):
         *,
         history: Sequence = (),
         stop_event: threading.Event | None = None,
+        idle_timeout: float | None = None,
         **options,
     ) -> Iterator[str]:
         """Yield the answer in text increments as it is generated (beam search: the final text once).
 
-        Generation runs in a worker thread; closing the iterator (or setting ``stop_event``) stops it.
+        Generation runs in a worker thread; closing the iterator (or setting ``stop_event``) stops it. With
+        ``idle_timeout``, generation also stops when the reader leaves a piece unread-after for that many seconds
+        (a server whose client vanished without closing the iterator).
         """
         opts = decoding.validate(options)
         with torch.inference_mode():
             inputs = self.prepare(image, prompt, history, opts["max_new_tokens"])
         stop = stop_event or threading.Event()
+        criterion = _StopOnEvent(stop, idle_timeout)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
@@ -357,7 +368,7 @@ class VisionLanguageModel(nn.Module):
             try:
                 with torch.inference_mode():
                     kwargs = self._generate_kwargs(inputs, opts)
-                    kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
                     if opts.get("num_beams", 1) > 1:  # beams change their mind: only the end is final
                         text = self._decode(self._new_tokens(self.language_model.generate(**kwargs), kwargs))
                         streamer.text_queue.put(text)
@@ -377,7 +388,9 @@ class VisionLanguageModel(nn.Module):
                     piece = piece.lstrip()
                     started = bool(piece)
                 if piece:
+                    criterion.suspended_since = time.monotonic()
                     yield piece
+                    criterion.suspended_since = None
         finally:
             stop.set()
             thread.join()

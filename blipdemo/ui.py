@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import gradio as gr
 import torch
 
@@ -22,6 +22,9 @@ from .images import ImageError, load_image
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
 CONCURRENCY_ID = "model"
+# Gradio pulls the next piece as soon as it has sent one; a piece left unpulled this long means the client is
+# gone (Gradio drops a disconnected event without closing its generator): generation stops.
+READER_TIMEOUT = 0.5
 WHOLE_ANSWER = "Whole answer"
 FAMILY_NAMES = {
     "instructblip": "InstructBLIP",
@@ -123,11 +126,15 @@ class Demo:
         except (ImageError, ValueError) as e:
             raise gr.Error(str(e)) from e
 
+    @gpu
     def _stream(self, image, instruction: str, history, opts: dict, stop: threading.Event) -> Iterator[str]:
         """Accumulated answer text; model errors become messages for the user."""
         answer = ""
         try:
-            for piece in self.vlm.stream(image, instruction, history=history, stop_event=stop, **opts):
+            pieces = self.vlm.stream(
+                image, instruction, history=history, stop_event=stop, idle_timeout=READER_TIMEOUT, **opts
+            )
+            for piece in pieces:
                 answer += piece
                 yield answer
         except (ImageError, ValueError) as e:
@@ -138,6 +145,29 @@ class Demo:
             raise gr.Error(
                 "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
             ) from e
+
+    async def _answers(self, image, instruction: str, history, opts: dict, stop: threading.Event):
+        """The growing answer, pulled from ``_stream`` in worker threads so that the event loop stays free.
+
+        When Gradio cancels the event (Stop, a client that cancels or goes away), the cancellation lands at an
+        ``await`` here, and ``finally`` ends the generation thread itself, not just the stream.
+        """
+        iterator = self._stream(image, instruction, history, opts, stop)
+        done = object()
+        try:
+            while (answer := await anyio.to_thread.run_sync(next, iterator, done)) is not done:
+                yield answer
+        finally:
+            stop.set()
+            with anyio.CancelScope(shield=True):
+                # A cancelled await may leave a next() still running in its worker thread; with `stop` set it
+                # returns within a token, and then close() joins the generation thread.
+                while True:
+                    try:
+                        await anyio.to_thread.run_sync(iterator.close)
+                        break
+                    except ValueError:  # "generator already executing"
+                        await anyio.sleep(0.01)
 
     @contextmanager
     def _stop_event(self, request: gr.Request | None) -> Iterator[threading.Event]:
@@ -157,10 +187,9 @@ class Demo:
         if event is not None:
             event.set()
 
-    @gpu
-    def respond(self, image, instruction, chat, show_maps, *options, request: gr.Request = None):
+    async def respond(self, image, instruction, chat, show_maps, *options, request: gr.Request = None):
         """Chat handler: append the turn, stream the answer into it, then (optionally) its attention maps."""
-        pil, opts = self._check(image, instruction, options)
+        pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
         chat = list(chat or [])
         history = _turns(chat)
         if self.history_turns is not None:
@@ -171,14 +200,16 @@ class Demo:
         answer = ""
         try:
             with self._stop_event(request) as stop:
-                for answer in self._stream(pil, instruction, history, opts, stop):
+                async for answer in self._answers(pil, instruction, history, opts, stop):
                     chat[-1] = {"role": "assistant", "content": answer}
                     yield chat, "", *unchanged
         except gr.Error:
             yield chat[:-2], instruction, *unchanged  # give the turn back, as it was typed
             raise
         if show_maps and answer.strip():
-            explanation = self.vlm.explain(pil, instruction, history=history, answer=answer)
+            explanation = await anyio.to_thread.run_sync(
+                lambda: self.vlm.explain(pil, instruction, history=history, answer=answer)
+            )
             yield chat, "", explanation, gr.update(value=explanation.overlay(), visible=True), self._words(explanation)
 
     @staticmethod
@@ -200,12 +231,13 @@ class Demo:
         visible = gr.update(visible=bool(show and explanation is not None))
         return visible, visible
 
-    def regenerate(self, image, chat, show_maps, *options, request: gr.Request = None):
+    async def regenerate(self, image, chat, show_maps, *options, request: gr.Request = None):
         """Answer the last question again (with the current decoding settings)."""
         turns = _turns(chat)
         if not turns:
             raise gr.Error("There is no answer to regenerate yet.")
-        yield from self.respond(image, turns[-1][0], list(chat)[:-2], show_maps, *options, request=request)
+        async for update in self.respond(image, turns[-1][0], list(chat)[:-2], show_maps, *options, request=request):
+            yield update
 
     @staticmethod
     def undo(chat):
@@ -216,22 +248,24 @@ class Demo:
             return chat, ""
         return chat[:-2], turns[-1][0]
 
-    @gpu
-    def api_ask(
+    async def api_ask(
         self,
         image,
         instruction,
         method=BEAM,
-        num_beams=5,
-        max_new_tokens=256,
-        min_new_tokens=1,
-        top_p=0.9,
-        temperature=1.0,
-        repetition_penalty=1.5,
-        length_penalty=1.0,
+        num_beams=INSTRUCTBLIP_DEFAULTS["num_beams"],
+        max_new_tokens=INSTRUCTBLIP_DEFAULTS["max_new_tokens"],
+        min_new_tokens=INSTRUCTBLIP_DEFAULTS["min_new_tokens"],
+        top_p=INSTRUCTBLIP_DEFAULTS["top_p"],
+        temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
+        repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
+        length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
     ) -> str:
         """/ask: the whole answer at once (parameter names are what API clients see)."""
-        options = (
+        answer = ""
+        async for answer in self.api_stream(  # noqa: B007 - the last value is the whole answer
+            image,
+            instruction,
             method,
             num_beams,
             max_new_tokens,
@@ -240,24 +274,22 @@ class Demo:
             temperature,
             repetition_penalty,
             length_penalty,
-        )
-        pil, opts = self._check(image, instruction, options)
-        last = deque(self._stream(pil, instruction, (), opts, threading.Event()), maxlen=1)
-        return last[0] if last else ""
+        ):
+            pass
+        return answer
 
-    @gpu
-    def api_stream(
+    async def api_stream(
         self,
         image,
         instruction,
         method=BEAM,
-        num_beams=5,
-        max_new_tokens=256,
-        min_new_tokens=1,
-        top_p=0.9,
-        temperature=1.0,
-        repetition_penalty=1.5,
-        length_penalty=1.0,
+        num_beams=INSTRUCTBLIP_DEFAULTS["num_beams"],
+        max_new_tokens=INSTRUCTBLIP_DEFAULTS["max_new_tokens"],
+        min_new_tokens=INSTRUCTBLIP_DEFAULTS["min_new_tokens"],
+        top_p=INSTRUCTBLIP_DEFAULTS["top_p"],
+        temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
+        repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
+        length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
     ):
         """/stream: the answer so far, growing as it is generated."""
         options = (
@@ -270,8 +302,9 @@ class Demo:
             repetition_penalty,
             length_penalty,
         )
-        pil, opts = self._check(image, instruction, options)
-        yield from self._stream(pil, instruction, (), opts, threading.Event())
+        pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
+        async for answer in self._answers(pil, instruction, (), opts, threading.Event()):
+            yield answer
 
     # ----------------------------------------------------------------------------------------------
     def header(self) -> str:
@@ -322,6 +355,7 @@ class Demo:
                     heat = gr.Image(
                         label="Where the model looked",
                         interactive=False,
+                        format="png",  # lossless: the map's colors are data
                         height=300,
                         visible=False,
                         elem_id="heatmap",

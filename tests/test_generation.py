@@ -248,3 +248,14 @@ def test_training_loss_matches_reference_and_gradients_reach_every_stage(checkpo
     ):
         grad = ours.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_a_reader_that_stops_pulling_ends_generation(vlm, images):
+    stream = vlm.stream(images[0], PROMPT, max_new_tokens=200, min_new_tokens=200, num_beams=1, idle_timeout=0.2)
+    next(stream)  # the reader takes one piece, then never asks again (and never closes the stream)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(t.name == "blipdemo-generate" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not any(t.name == "blipdemo-generate" for t in threading.enumerate())
+    rest = list(stream)  # what was produced before the stop is still readable, then the stream ends
+    assert len(rest) < 150

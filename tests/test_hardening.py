@@ -13,6 +13,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from hazards import build
+from PIL import Image
 from served import serve
 
 QUESTION = "What color is the circle?"
@@ -235,3 +236,66 @@ def test_thirty_clients_against_a_queue_of_sixteen(app, files):
     served_next(Client(url, verbose=False), files, vlm)
     grown = (psutil.Process().memory_info().rss - rss) / 2**20
     assert grown < 200, f"memory grew by {grown:.0f} MiB"
+
+
+def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
+    """Two chat sessions at once, different images: each sees its own answer and its own map."""
+    vlm, url = app
+    options = ["Beam search", 1, 8, 1, 0.9, 1.0, 1.5, 1.0]  # method, beams, max/min new, top-p, temp, rep, len
+
+    def chat(name):
+        client = Client(url, verbose=False)
+        chat_out, _, heat, _ = client.predict(
+            handle_file(str(files[name])), QUESTION, [], True, *options, api_name="/chat"
+        )
+        content = chat_out[-1]["content"]  # Gradio returns message content as [{"type": "text", "text": …}]
+        text = "".join(part["text"] for part in content) if isinstance(content, list) else content
+        return text, np.asarray(Image.open(heat["value"]))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(["ok-0.png", "ok-1.png"], pool.map(chat, ["ok-0.png", "ok-1.png"]), strict=True))
+    for name, (answer, heat) in results.items():
+        expected = vlm.ask(
+            files[name],
+            QUESTION,
+            num_beams=1,
+            max_new_tokens=8,
+            min_new_tokens=1,
+            repetition_penalty=1.5,
+            length_penalty=1.0,
+        )
+        assert answer == expected
+        own = np.asarray(vlm.explain(files[name], QUESTION, answer=answer).overlay())
+        assert heat.shape == own.shape and np.abs(heat.astype(int) - own.astype(int)).max() <= 1
+    a, b = (results[n][1] for n in ("ok-0.png", "ok-1.png"))
+    assert a.shape != b.shape or np.abs(a.astype(int) - b.astype(int)).max() > 1
+
+
+def _generating() -> bool:
+    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
+
+
+def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monkeypatch):
+    """Two seconds into a long generation the client cancels its job."""
+    vlm, url = app
+    real_forward = vlm.language_model.forward
+
+    def slow_forward(*args, **kwargs):  # ~40 ms a token, like a real LM on a CPU: a long generation
+        time.sleep(0.04)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.language_model, "forward", slow_forward)
+    client = Client(url, verbose=False)
+    job = client.submit(
+        handle_file(str(files["ok-0.png"])), QUESTION, "Nucleus sampling", 1, 2000, 2000, api_name="/stream"
+    )
+    time.sleep(2)
+    assert _generating(), "the generation should still be running two seconds in"
+    job.cancel()
+    left = time.perf_counter()
+    while _generating() and time.perf_counter() - left < 5:
+        time.sleep(0.01)
+    freed_after = time.perf_counter() - left
+    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client left"
+    monkeypatch.setattr(vlm.language_model, "forward", real_forward)
+    served_next(Client(url, verbose=False), files, vlm)
