@@ -100,8 +100,12 @@ def test_chat_in_the_browser(url, browser):
     page.locator("#decoding").get_by_text("Decoding").click()
     slider = page.locator("#max-new-tokens input[type=range]")
     slider.wait_for(state="visible")
-    slider.fill("2")
+    slider.focus()  # the keyboard, as a person would: Home → 1, → → 2
+    slider.press("Home")
+    slider.press("ArrowRight")
     page.wait_for_function("document.querySelector('#max-new-tokens input[type=range]').value == '2'", timeout=10_000)
+    # the number box shares the slider's state: once it shows 2, the value the next event sends is 2
+    page.wait_for_function("document.querySelector('#max-new-tokens input[type=number]').value == '2'", timeout=10_000)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 2", timeout=60_000)
