@@ -43,6 +43,7 @@ LM_PREFIX = "language_model."
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "qformer_tokenizer/*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 STRING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+CORE_NAMES = ("vision_model", "query_tokens", "qformer", "language_projection")  # our modules: one block, one device
 
 
 class CheckpointError(ValueError):
@@ -210,10 +211,6 @@ def _as_torch_device(value) -> torch.device:
     return torch.device(f"cuda:{value}") if isinstance(value, int) else torch.device(value)
 
 
-def _core_names(config) -> list[str]:
-    return ["vision_model", "query_tokens", "qformer", "language_projection"]
-
-
 def _lm_class(config):
     return AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
 
@@ -264,7 +261,7 @@ def plan_device_map(
             low_zero=device_map == "balanced_low_0",
         )
     lm_map = infer_auto_device_map(lm, max_memory=max_memory, no_split_module_classes=no_split, dtype=plan_dtype)
-    plan: dict[str, int | str] = dict.fromkeys(_core_names(config), first)
+    plan: dict[str, int | str] = dict.fromkeys(CORE_NAMES, first)
     for name, where in lm_map.items():
         plan[f"{LM_PREFIX}{name}" if name else LM_PREFIX[:-1]] = where
     return plan
@@ -276,15 +273,9 @@ def _normalize_dict_map(device_map: dict) -> dict[str, int | str]:
         if len(device_map) > 1:
             raise ValueError("A device_map with the key '' puts everything on one device; give no other keys.")
         where = device_map[""]
-        return {
-            "vision_model": where,
-            "query_tokens": where,
-            "qformer": where,
-            "language_projection": where,
-            "language_model": where,
-        }
+        return {**dict.fromkeys(CORE_NAMES, where), "language_model": where}
     plan = dict(device_map)
-    core = {plan.get(name) for name in ("vision_model", "query_tokens", "qformer", "language_projection")}
+    core = {plan.get(name) for name in CORE_NAMES}
     core.discard(None)
     if len(core) > 1:
         raise ValueError(
@@ -295,9 +286,9 @@ def _normalize_dict_map(device_map: dict) -> dict[str, int | str]:
     if not lm_keys:
         raise ValueError("The device_map names no language_model modules.")
     default = core.pop() if core else plan[lm_keys[0]]
-    for name in ("vision_model", "query_tokens", "qformer", "language_projection"):
+    for name in CORE_NAMES:
         plan.setdefault(name, default)
-    unknown = [k for k in plan if k not in _core_names(None) and k not in lm_keys]
+    unknown = [k for k in plan if k not in CORE_NAMES and k not in lm_keys]
     if unknown:
         raise ValueError(f"Unknown module names in device_map: {unknown}")
     return plan
@@ -431,7 +422,7 @@ def load(
     if device_map is None:
         core_device = resolve_device(device)
         dtype = resolve_dtype(dtype, core_device)
-        plan = {name: str(core_device) for name in _core_names(config)}
+        plan = dict.fromkeys(CORE_NAMES, str(core_device))
         plan["language_model"] = str(core_device)
     else:
         first_gpu = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
