@@ -193,7 +193,7 @@ class Demo:
         chat = list(chat or [])
         history = _turns(chat)
         if self.history_turns is not None:
-            history = history[len(history) - self.history_turns :] if self.history_turns else []
+            history = history[-self.history_turns :] if self.history_turns else []
         chat += [{"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
         unchanged = (gr.skip(), gr.skip(), gr.skip())
         yield chat, "", *unchanged

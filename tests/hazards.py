@@ -9,6 +9,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The files `build` makes that must be refused, with what the message must say; every other one is a valid image.
+REFUSED = {
+    "random-bytes.png": "not an image we can read",
+    "truncated.jpg": "damaged or incomplete",
+    "drawing.svg": "not an image we can read",
+    "bomb.png": "too large",
+}
+VALID = [
+    "one-pixel.png",
+    "thin.png",
+    "cmyk.jpg",
+    "transparent.png",
+    "palette.gif",
+    "animated.webp",
+    "gray16.png",
+    "exif-rotated.jpg",
+]
+
 
 def _png_bomb(side: int = 20000) -> bytes:
     """A valid grayscale PNG of side×side zeros: a few hundred KB on disk, 400 MP once decoded."""

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from hazards import build
+from hazards import REFUSED, VALID, build
 from PIL import Image
 from served import serve
 
@@ -80,34 +80,14 @@ def test_special_tokens_are_plain_text(app, client, files):
     served_next(client, files, app[0])
 
 
-@pytest.mark.parametrize(
-    "name,message",
-    [
-        ("random-bytes.png", "not an image we can read"),
-        ("truncated.jpg", "damaged or incomplete"),
-        ("drawing.svg", "not an image we can read"),
-        ("bomb.png", "too large"),
-    ],
-)
+@pytest.mark.parametrize("name,message", REFUSED.items())
 def test_bad_image_files(app, client, files, name, message):
     with pytest.raises(Exception, match=message):
         ask(client, files[name])
     served_next(client, files, app[0])
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "one-pixel.png",
-        "thin.png",
-        "cmyk.jpg",
-        "transparent.png",
-        "palette.gif",
-        "animated.webp",
-        "gray16.png",
-        "exif-rotated.jpg",
-    ],
-)
+@pytest.mark.parametrize("name", VALID)
 def test_unusual_images_are_answered(app, client, files, name):
     assert ask(client, files[name]) == app[0].ask(
         files[name], QUESTION, num_beams=1, max_new_tokens=6, repetition_penalty=1.5, min_new_tokens=1

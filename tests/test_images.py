@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from hazards import build
+from hazards import REFUSED, build
 from PIL import Image
 
 import blipdemo
@@ -19,15 +19,7 @@ def files(tmp_path_factory):
     return build(tmp_path_factory.mktemp("hazards"))
 
 
-@pytest.mark.parametrize(
-    "name,message",
-    [
-        ("random-bytes.png", "not an image we can read"),
-        ("truncated.jpg", "damaged or incomplete"),
-        ("drawing.svg", "not an image we can read"),
-        ("bomb.png", "too large"),
-    ],
-)
+@pytest.mark.parametrize("name,message", REFUSED.items())
 def test_bad_files_get_clear_messages(files, name, message):
     with pytest.raises(ImageError, match=message):
         load_image(files[name])
@@ -81,7 +73,7 @@ def test_arrays_and_bytes():
 def test_the_model_sees_every_valid_file_and_refuses_the_rest(checkpoint_dir, files):
     vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
     for name, path in files.items():
-        if name in ("random-bytes.png", "truncated.jpg", "drawing.svg", "bomb.png"):
+        if name in REFUSED:
             with pytest.raises(ImageError):
                 vlm.ask(path, "What is this?", max_new_tokens=3, num_beams=1)
         else:
