@@ -7,6 +7,7 @@ runs at a time per model (``concurrency_limit``); the queue is bounded and the R
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
 CONCURRENCY_ID = "model"
 # Gradio pulls the next piece as soon as it has sent one; a piece left unpulled this long means the client is
-# gone (Gradio drops a disconnected event without closing its generator): generation stops.
+# gone (Gradio drops a disconnected event without closing its generator): generation stops. Beam search sends
+# no pieces until the end, so a vanished client is also caught from the queue itself (`_watch_disconnects`).
 READER_TIMEOUT = 0.5
 WHOLE_ANSWER = "Whole answer"
 FAMILY_NAMES = {
@@ -63,6 +65,9 @@ class ImageInput(gr.Image):
         if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
             return super().preprocess(payload)
         return payload.path
+
+
+log = logging.getLogger(__name__)
 
 
 def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
@@ -108,7 +113,9 @@ class Demo:
         self.history_turns = history_turns
         self.notice = notice
         self.examples_dir = examples_dir
-        self._stops: dict[str, threading.Event] = {}
+        self.blocks: gr.Blocks | None = None
+        # session hash → the stop switches of its running generations (a session may run several: API clients)
+        self._stops: dict[str, set[threading.Event]] = {}
 
     # ----------------------------------------------------------------------------------------------
     # Model calls
@@ -171,24 +178,77 @@ class Demo:
 
     @contextmanager
     def _stop_event(self, request: gr.Request | None) -> Iterator[threading.Event]:
-        """This session's Stop switch, registered for as long as its generation runs."""
+        """A stop switch for one generation of this session, registered for as long as it runs: the Stop button
+        and the session's disconnect set it."""
+        self._watch_disconnects()
         key = getattr(request, "session_hash", None) or "default"
         event = threading.Event()
-        self._stops[key] = event
+        self._stops.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
-            if self._stops.get(key) is event:
-                del self._stops[key]
+            running = self._stops.get(key, set())
+            running.discard(event)
+            if not running:
+                self._stops.pop(key, None)
 
-    def stop(self, request: gr.Request) -> None:
-        """The Stop button: ends this session's generation (the worker thread, not just the stream)."""
-        event = self._stops.get(getattr(request, "session_hash", None) or "default")
-        if event is not None:
+    def stop_session(self, session_hash: str | None) -> None:
+        """End every generation of this session (the worker threads, not just the streams)."""
+        for event in list(self._stops.get(session_hash or "default", ())):
             event.set()
 
-    async def respond(self, image, instruction, chat, show_maps, *options, request: gr.Request = None):
-        """Chat handler: append the turn, stream the answer into it, then (optionally) its attention maps."""
+    def stop(self, request: gr.Request) -> None:
+        """The Stop button: ends this session's generation."""
+        self.stop_session(getattr(request, "session_hash", None))
+
+    def _watch_disconnects(self) -> None:
+        """Stop a session's generations the moment its client goes away.
+
+        When a client's event stream closes (tab closed, page left, client process killed), Gradio's queue calls
+        ``clean_events(session_hash=...)`` at once, but only marks the job dead: the running handler is not
+        cancelled, and a beam search (which sends nothing until the end) or an ``/ask`` call would run to its
+        end. We hook that call on the queue in use (``demo.queue()`` replaces the queue, so this runs lazily
+        from the handlers). A connection that dies silently (no FIN from the peer) is seen only when Gradio's
+        next heartbeat write fails.
+        """
+        queue = getattr(self.blocks, "_queue", None)
+        clean = getattr(queue, "clean_events", None)
+        if queue is None or getattr(clean, "blipdemo_watch", False):  # not served by a queue, or hooked already
+            return
+        if not callable(clean):  # pragma: no cover - a Gradio without the hook: only streams notice a vanished reader
+            log.warning("This Gradio's queue has no clean_events: a vanished client is noticed only by streams")
+            return
+
+        async def clean_events(*, session_hash: str | None = None, event_id: str | None = None) -> None:
+            if session_hash is not None:
+                self.stop_session(session_hash)
+            await clean(session_hash=session_hash, event_id=event_id)
+
+        clean_events.blipdemo_watch = True
+        queue.clean_events = clean_events
+
+    async def respond(
+        self,
+        image,
+        instruction,
+        chat,
+        show_maps,
+        method,
+        beams,
+        max_new_tokens,
+        min_new_tokens,
+        top_p,
+        temperature,
+        repetition,
+        length,
+        request: gr.Request = None,
+    ):
+        """Chat handler: append the turn, stream the answer into it, then (optionally) its attention maps.
+
+        The decoding options are spelled out because Gradio hands ``request`` (whose session the Stop button and
+        a disconnect stop) only to a positional parameter.
+        """
+        options = (method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length)
         pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
         chat = list(chat or [])
         history = _turns(chat)
@@ -231,11 +291,26 @@ class Demo:
         visible = gr.update(visible=bool(show and explanation is not None))
         return visible, visible
 
-    async def regenerate(self, image, chat, show_maps, *options, request: gr.Request = None):
+    async def regenerate(
+        self,
+        image,
+        chat,
+        show_maps,
+        method,
+        beams,
+        max_new_tokens,
+        min_new_tokens,
+        top_p,
+        temperature,
+        repetition,
+        length,
+        request: gr.Request = None,
+    ):
         """Answer the last question again (with the current decoding settings)."""
         turns = _turns(chat)
         if not turns:
             raise gr.Error("There is no answer to regenerate yet.")
+        options = (method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length)
         async for update in self.respond(image, turns[-1][0], list(chat)[:-2], show_maps, *options, request=request):
             yield update
 
@@ -260,6 +335,7 @@ class Demo:
         temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
         repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
         length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
+        request: gr.Request = None,
     ) -> str:
         """/ask: the whole answer at once (parameter names are what API clients see)."""
         answer = ""
@@ -274,6 +350,7 @@ class Demo:
             temperature,
             repetition_penalty,
             length_penalty,
+            request=request,
         ):
             pass
         return answer
@@ -290,6 +367,7 @@ class Demo:
         temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
         repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
         length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
+        request: gr.Request = None,
     ):
         """/stream: the answer so far, growing as it is generated."""
         options = (
@@ -303,8 +381,9 @@ class Demo:
             length_penalty,
         )
         pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
-        async for answer in self._answers(pil, instruction, (), opts, threading.Event()):
-            yield answer
+        with self._stop_event(request) as stop:
+            async for answer in self._answers(pil, instruction, (), opts, stop):
+                yield answer
 
     # ----------------------------------------------------------------------------------------------
     def header(self) -> str:
@@ -398,7 +477,9 @@ class Demo:
                         max_new = gr.Slider(
                             1, 512, value=d["max_new_tokens"], step=1, label="Max new tokens", elem_id="max-new-tokens"
                         )
-                        min_new = gr.Slider(0, 64, value=d["min_new_tokens"], step=1, label="Min new tokens")
+                        min_new = gr.Slider(
+                            0, 64, value=d["min_new_tokens"], step=1, label="Min new tokens", elem_id="min-new-tokens"
+                        )
                         repetition = gr.Slider(
                             1.0, 3.0, value=d["repetition_penalty"], step=0.05, label="Repetition penalty"
                         )
@@ -468,4 +549,5 @@ class Demo:
             api_inputs = [api_image, api_text, *api_options]
             api_button.click(self.api_ask, api_inputs, answer, api_name="ask", **model_event)
             api_button.click(self.api_stream, api_inputs, answer, api_name="stream", **model_event)
+        self.blocks = demo
         return demo

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -27,10 +28,15 @@ sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
 
 @pytest.fixture(scope="module")
-def url():
-    """The app as `python app.py` builds it, on the embedded model, on a free loopback port."""
-    with serve("--model", str(app_module.EMBEDDED_MODEL)) as (_, _, address):
-        yield address
+def served():
+    """The app as `python app.py` builds it, on the embedded model, on a free loopback port: (model, url)."""
+    with serve("--model", str(app_module.EMBEDDED_MODEL)) as (_, vlm, address):
+        yield vlm, address
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[1]
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +139,44 @@ def test_phone_width_layout(url, browser):
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390 + 0.5, (button, box)
     page.screenshot(path=str(ARTIFACTS / "app-phone.png"), full_page=True)
     page.close()
+
+
+def _generating() -> bool:
+    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
+
+
+def test_closing_the_tab_frees_the_model_within_a_second(served, browser, monkeypatch):
+    """A person closes the tab two seconds into a long beam search (which streams nothing until it ends)."""
+    vlm, address = served
+    real_forward = vlm.language_model.forward
+
+    def slow_forward(*args, **kwargs):  # a slow LM: at least 64 steps (the "Min new tokens" set below) of 0.2 s
+        time.sleep(0.2)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.language_model, "forward", slow_forward)
+    example = json.loads((EXAMPLES / "examples.json").read_text())[0]
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(address)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / example["image"]))
+    page.wait_for_selector("#image img", timeout=20_000)
+    page.locator("#decoding").get_by_text("Decoding").click()
+    slider = page.locator("#min-new-tokens input[type=range]")
+    slider.wait_for(state="visible")
+    slider.focus()
+    slider.press("End")
+    page.wait_for_function("document.querySelector('#min-new-tokens input[type=number]').value == '64'", timeout=10_000)
+    page.locator("#instruction textarea").fill(example["question"])
+    page.locator("#send").click()
+    started = time.perf_counter()
+    while not _generating() and time.perf_counter() - started < 30:
+        time.sleep(0.02)
+    time.sleep(2)
+    assert _generating(), "the generation should still be running two seconds in"
+    page.close()
+    left = time.perf_counter()
+    while _generating() and time.perf_counter() - left < 20:
+        time.sleep(0.01)
+    freed_after = time.perf_counter() - left
+    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the tab closed"

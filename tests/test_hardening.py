@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,9 +258,7 @@ def _generating() -> bool:
     return any(t.name == "blipdemo-generate" for t in threading.enumerate())
 
 
-def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monkeypatch):
-    """Two seconds into a long generation the client cancels its job."""
-    vlm, url = app
+def _slow_down(vlm, monkeypatch):
     real_forward = vlm.language_model.forward
 
     def slow_forward(*args, **kwargs):  # ~40 ms a token, like a real LM on a CPU: a long generation
@@ -265,6 +266,20 @@ def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monke
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(vlm.language_model, "forward", slow_forward)
+    return real_forward
+
+
+def _freed_after(limit: float = 5) -> float:
+    left = time.perf_counter()
+    while _generating() and time.perf_counter() - left < limit:
+        time.sleep(0.01)
+    return time.perf_counter() - left
+
+
+def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monkeypatch):
+    """Two seconds into a long generation the client cancels its job."""
+    vlm, url = app
+    real_forward = _slow_down(vlm, monkeypatch)
     client = Client(url, verbose=False)
     job = client.submit(
         handle_file(str(files["ok-0.png"])), QUESTION, "Nucleus sampling", 1, 2000, 2000, api_name="/stream"
@@ -272,10 +287,38 @@ def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monke
     time.sleep(2)
     assert _generating(), "the generation should still be running two seconds in"
     job.cancel()
-    left = time.perf_counter()
-    while _generating() and time.perf_counter() - left < 5:
-        time.sleep(0.01)
-    freed_after = time.perf_counter() - left
+    freed_after = _freed_after()
     assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client left"
+    monkeypatch.setattr(vlm.language_model, "forward", real_forward)
+    served_next(Client(url, verbose=False), files, vlm)
+
+
+@pytest.mark.parametrize("method", ["Beam search", "Nucleus sampling"])
+def test_a_client_that_vanishes_frees_the_model_within_a_second(app, files, monkeypatch, method):
+    """Two seconds into a long generation the client's process dies: no cancel, its connection just drops.
+
+    Beam search is the hard case: it sends nothing until the end, so nothing is written to the dead connection.
+    """
+    vlm, url = app
+    real_forward = _slow_down(vlm, monkeypatch)
+    client_code = (
+        "import time\n"
+        "from gradio_client import Client, handle_file\n"
+        f"job = Client({url!r}, verbose=False).submit(handle_file({str(files['ok-0.png'])!r}), {QUESTION!r}, "
+        f"{method!r}, 3, 2000, 2000, api_name='/ask')\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", client_code])
+    try:
+        started = time.perf_counter()
+        while not _generating() and time.perf_counter() - started < 60:
+            time.sleep(0.02)
+        time.sleep(2)
+        assert _generating(), "the generation should still be running two seconds in"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    freed_after = _freed_after()
+    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client died"
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
     served_next(Client(url, verbose=False), files, vlm)
