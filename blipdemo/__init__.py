@@ -3,16 +3,20 @@
 import blipdemo
 vlm = blipdemo.load("Salesforce/instructblip-flan-t5-xl")   # hub id or local folder
 vlm.ask("photo.jpg", "What is unusual about this image?")
+vlm.embed("photo.jpg")                                       # the Q-Former's query outputs
+blipdemo.load_qformer("Salesforce/blipdiffusion").embed("dog.jpg", "dog")   # BLIP-Diffusion's embedding
 """
 
 from .attention import Explanation
 from .decoding import INSTRUCTBLIP_DEFAULTS
+from .embedding import BlipDiffusionQFormer
 from .images import ImageError, load_image
-from .loading import CheckpointError, CheckpointUnavailable, load, plan_device_map
+from .loading import CheckpointError, CheckpointUnavailable, load, load_qformer, plan_device_map
 from .model import VisionLanguageModel
 
 __all__ = [
     "INSTRUCTBLIP_DEFAULTS",
+    "BlipDiffusionQFormer",
     "CheckpointError",
     "CheckpointUnavailable",
     "Explanation",
@@ -20,5 +24,6 @@ __all__ = [
     "VisionLanguageModel",
     "load",
     "load_image",
+    "load_qformer",
     "plan_device_map",
 ]

@@ -56,8 +56,11 @@ class CheckpointUnavailable(CheckpointError):
 
 # --------------------------------------------------------------------------------------------------
 # Files
-def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """A local folder as it is, or a hub id downloaded (or found in the cache) into a local snapshot."""
+def resolve_checkpoint(
+    name_or_path: str | Path, revision: str | None = None, patterns: list[str] = HUB_PATTERNS
+) -> Path:
+    """A local folder as it is, or a hub id downloaded (or found in the cache) into a local snapshot
+    (only the files that match ``patterns``)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -76,7 +79,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) ->
     )
 
     try:
-        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError) as e:
         raise CheckpointError(f"{name!r} is not a model on the Hugging Face Hub that we can read: {e}") from e
     except (LocalEntryNotFoundError, OSError) as e:
@@ -131,6 +134,15 @@ def read_core_state(files: list[Path]) -> dict[str, torch.Tensor]:
                 if not key.startswith(LM_PREFIX):
                     state[key] = f.get_tensor(key)
     return state
+
+
+def core_keys(files: list[Path]) -> set[str]:
+    """The names of the checkpoint's tensors that are not the LM's (no tensor is read)."""
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys.update(k for k in f.keys() if not k.startswith(LM_PREFIX))  # noqa: SIM118
+    return keys
 
 
 def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], where: str) -> None:
@@ -436,25 +448,11 @@ def load(
     if core_device.type == "cpu" and dtype == torch.float16:
         log.warning("float16 on CPU is slow and less accurate than bfloat16; consider dtype='bfloat16'.")
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    qformer_tokenizer = None
-    if isinstance(config, InstructBlipConfig):
-        if not (folder / "qformer_tokenizer").is_dir():
-            raise CheckpointError(f"{folder} is an InstructBLIP checkpoint without its qformer_tokenizer/ folder.")
-        qformer_tokenizer = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", trust_remote_code=False)
-    image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
-
-    with torch.device("meta"):
-        vlm = VisionLanguageModel(config, None, tokenizer, qformer_tokenizer, image_processor, cache_size)
-    core_state = read_core_state(files)
-    load_core(vlm, core_state, str(folder))
-    vlm.to(device=core_device, dtype=dtype)
-    vlm.eval()
-
+    vlm = _load_core_model(folder, config, files, core_device, dtype, cache_size)
     vlm.language_model = load_language_model(
         folder,
         config,
-        set(core_state),
+        core_keys(files),
         dtype=dtype,
         device_map=_lm_part(plan),
         load_in_8bit=load_in_8bit,
@@ -475,6 +473,26 @@ def load(
     return vlm
 
 
+def _load_core_model(
+    folder: Path, config, files: list[Path], device: torch.device, dtype: torch.dtype, cache_size: int
+) -> VisionLanguageModel:
+    """Tokenizers, image processor and our modules (vision encoder, Q-Former, projection); no LM yet."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    qformer_tokenizer = None
+    if isinstance(config, InstructBlipConfig):
+        if not (folder / "qformer_tokenizer").is_dir():
+            raise CheckpointError(f"{folder} is an InstructBLIP checkpoint without its qformer_tokenizer/ folder.")
+        qformer_tokenizer = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", trust_remote_code=False)
+    image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
+
+    with torch.device("meta"):
+        vlm = VisionLanguageModel(config, None, tokenizer, qformer_tokenizer, image_processor, cache_size)
+    load_core(vlm, read_core_state(files), str(folder))
+    vlm.to(device=device, dtype=dtype)
+    vlm.eval()
+    return vlm
+
+
 def compile_vision_encoder(vlm: VisionLanguageModel) -> None:
     """torch.compile the ViT in place (names and weights unchanged) and pay the compile cost now."""
     import torch._inductor.config as inductor_config
@@ -485,3 +503,134 @@ def compile_vision_encoder(vlm: VisionLanguageModel) -> None:
     cfg = vlm.config.vision_config
     with torch.inference_mode():
         vlm.vision_model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=vlm.device, dtype=vlm.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# The Q-Former alone: multimodal embeddings
+PIPELINE_PATTERNS = ["model_index.json", "qformer/*.json", "qformer/*.safetensors", "qformer/*.txt"]
+PIPELINE_PATTERNS += ["image_processor/*.json"]
+PROBE_PATTERNS = ["model_index.json", "config.json", "qformer/config.json"]
+# Older transformers saved BERT's position-id buffer; it is arange(max_positions), so it is checked, not loaded.
+DERIVED_KEYS = ("embeddings.position_ids",)
+BERT_FALLBACK = "bert-base-uncased"  # what diffusers' Blip2QFormerModel loads when its config names no tokenizer
+
+
+def _qformer_folders(name_or_path: str | Path, revision: str | None) -> tuple[Path, Path | None]:
+    """(folder with config.json + weights, folder of a BLIP-Diffusion pipeline's image processor or None)."""
+    root = Path(name_or_path).expanduser()
+    if not root.is_dir():  # a hub id: look at its layout first, then fetch only what is needed
+        root = resolve_checkpoint(name_or_path, revision, PROBE_PATTERNS)
+        pipeline = (root / "model_index.json").is_file() or (root / "qformer" / "config.json").is_file()
+        root = resolve_checkpoint(name_or_path, revision, PIPELINE_PATTERNS if pipeline else HUB_PATTERNS)
+    if (root / "qformer" / "config.json").is_file():  # a BLIP-Diffusion pipeline folder
+        processor = root / "image_processor"
+        return root / "qformer", processor if (processor / "preprocessor_config.json").is_file() else None
+    if (root / "model_index.json").is_file():
+        raise CheckpointError(f"{root} is a diffusers pipeline without a qformer/ folder.")
+    return root, (root if (root / "preprocessor_config.json").is_file() else None)
+
+
+def _blip_diffusion_tokenizer(folder: Path, config, vocab_size: int):
+    """BERT tokenizer with "[DEC]" as BOS, as diffusers builds it: from the folder itself if it holds one,
+    else ``config.tokenizer``, else bert-base-uncased."""
+    has_own = any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
+    source = str(folder) if has_own else getattr(config, "tokenizer", None) or BERT_FALLBACK
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as e:
+        raise CheckpointUnavailable(
+            f"{folder}: its BERT tokenizer {source!r} cannot be loaded (no connection to the Hugging Face Hub, and "
+            "not in the local cache?). Save one into the folder, or name a local one in config.json's 'tokenizer'."
+        ) from e
+    if "[DEC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer {source!r} has {len(tokenizer)} tokens but the Q-Former embeds {vocab_size}."
+        )
+    return tokenizer
+
+
+def _load_blip_diffusion(folder: Path, config, files: list[Path], processor_folder: Path | None, device, dtype):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+    from transformers.models.blip import BlipImageProcessorPil
+
+    from .embedding import BlipDiffusionQFormer
+
+    tokenizer = _blip_diffusion_tokenizer(folder, config, config.qformer_config.vocab_size)
+    if processor_folder is not None:
+        processor = BlipImageProcessorPil.from_pretrained(processor_folder)
+    else:  # diffusers' BlipImageProcessor defaults: a square resize to the encoder's size, CLIP statistics
+        side = config.vision_config.image_size
+        processor = BlipImageProcessorPil(
+            size={"height": side, "width": side},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+        )
+    # diffusers' processor center-crops to ``size`` after resizing to it (a no-op) and saves no crop_size.
+    processor.do_center_crop = False
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                state[key] = f.get_tensor(key)
+    for key in DERIVED_KEYS:
+        derived = state.pop(key, None)
+        if derived is not None and not torch.equal(derived.reshape(-1), torch.arange(derived.numel())):
+            raise CheckpointError(f"{folder}: {key} is not 0, 1, 2, …: this is not a checkpoint we understand.")
+    with torch.device("meta"):
+        model = BlipDiffusionQFormer(config, tokenizer, processor)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, str(folder))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_qformer(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+):
+    """The Q-Former as an image (+ text) encoder; the returned object's ``embed(image, text=None)`` gives a
+    (num_query_tokens, hidden) multimodal embedding.
+
+    ``name_or_path``: BLIP-Diffusion (``Salesforce/blipdiffusion``, a local copy of that pipeline, or its
+    ``qformer/`` folder) → a ``BlipDiffusionQFormer`` whose embeddings are what the pipeline conditions on
+    (``ProjLayer`` applied); an InstructBLIP / BLIP-2 checkpoint → its ``VisionLanguageModel`` without the
+    language model (nothing of the LM is loaded), whose ``embed`` gives the Q-Former's query outputs.
+    From the hub only the Q-Former's files are fetched. ``dtype`` / ``device`` as in ``load``.
+    """
+    folder, processor_folder = _qformer_folders(name_or_path, revision)
+    core_device = resolve_device(device)
+    dtype = resolve_dtype(dtype, core_device)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json.")
+    config = read_config(folder)
+    files = weight_files(folder)
+    keys = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys.update(f.keys())  # noqa: SIM118
+    if any(k.startswith("visual_encoder.") for k in keys):
+        if not isinstance(config, Blip2Config):
+            raise CheckpointError(f"{folder}: a BLIP-Diffusion Q-Former needs a BLIP-2 config.json.")
+        model = _load_blip_diffusion(folder, config, files, processor_folder, core_device, dtype)
+        kind = "BLIP-Diffusion Q-Former"
+    elif any(k.startswith(LM_PREFIX) for k in keys):
+        model = _load_core_model(folder, config, files, core_device, dtype, cache_size=16)
+        kind = ("InstructBLIP" if model.family == "instructblip" else "BLIP-2") + " Q-Former (no language model)"
+    else:
+        raise CheckpointError(
+            f"{folder} is neither a BLIP-Diffusion Q-Former (visual_encoder.* keys) nor an InstructBLIP / BLIP-2 "
+            "checkpoint (language_model.* keys)."
+        )
+    model.load_info = {
+        "name": str(name_or_path),
+        "folder": str(folder),
+        "kind": kind,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(core_device),
+    }
+    return model

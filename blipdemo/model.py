@@ -26,6 +26,7 @@ from transformers import InstructBlipConfig, StoppingCriteria, StoppingCriteriaL
 
 from . import decoding
 from .attention import Explanation, explain_answer
+from .embedding import text_ids
 from .images import load_image
 from .prompts import fit_history, normalize_history
 from .qformer import QFormerModel
@@ -228,6 +229,11 @@ class VisionLanguageModel(nn.Module):
 
     def prepare(self, image, prompt: str, history: Sequence = (), max_new_tokens: int = 256) -> PreparedInputs:
         """Validate and encode one request: image tokens (cached), prompt ids that fit every limit."""
+        if self.language_model is None:
+            raise ValueError(
+                "This model was loaded without its language model (blipdemo.load_qformer): it embeds, it does "
+                "not answer. Load it with blipdemo.load to ask questions."
+            )
         if not isinstance(prompt, str):
             raise ValueError(f"The instruction must be text, got {type(prompt).__name__}.")
         if self.family == "instructblip" and not prompt.strip():
@@ -262,6 +268,27 @@ class VisionLanguageModel(nn.Module):
             qformer_input_ids=torch.tensor([encoded["q"]]) if self.family == "instructblip" else None,
             max_new_tokens=max_new_tokens,
         )
+
+    def embed(self, image, text: str | None = None) -> torch.Tensor:
+        """The Q-Former's query outputs (num_query_tokens, hidden) for ``image``: a multimodal embedding.
+
+        InstructBLIP: ``text`` is the instruction, embedded by the Q-Former exactly as in generation (None: the
+        queries read the image alone). BLIP-2: the Q-Former of a generation checkpoint has no text embeddings,
+        so ``text`` must be None (BLIP-Diffusion's Q-Former, ``blipdemo.load_qformer``, takes text).
+        The image tokens come from the same cache as generation's.
+        """
+        ids = None
+        if text is not None:
+            if self.family == "blip2":
+                raise ValueError(
+                    "This BLIP-2 checkpoint's Q-Former has no text embeddings (its queries never read text): "
+                    "embed the image alone (text=None), or use a Q-Former made for text such as BLIP-Diffusion's "
+                    "(blipdemo.load_qformer)."
+                )
+            ids = text_ids(self.qformer_tokenizer, text, self._limits()[1])
+        image_embeds = self.image_embeddings(self.preprocess(image))
+        with torch.inference_mode():
+            return self.query_outputs(image_embeds, ids)[0]
 
     def _generate_kwargs(self, inputs: PreparedInputs, options: dict) -> dict:
         """``generate`` arguments: query+prompt embeddings, mask, and (decoder-only) the matching ids."""

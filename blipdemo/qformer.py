@@ -8,7 +8,10 @@ Notable features:
   feed-forward for query positions (``intermediate_query`` / ``output_query``), as in the checkpoints;
 - attention through ``F.scaled_dot_product_attention``; a cross-attention module computes its weights
   explicitly only while the calling thread records them (``recording()``), for attention maps;
-- the text feed-forward of the last layer is skipped: only query outputs leave the Q-Former.
+- the text feed-forward of the last layer is skipped: only query outputs leave the Q-Former;
+- BLIP-Diffusion's Q-Former (diffusers' layout, see ``embedding.py``) is this model with BERT's name for the
+  embedding LayerNorm (``embeddings.LayerNorm``); BLIP-2 retrieval checkpoints keep their word embeddings
+  outside the Q-Former and hand them in as ``text_embeds``.
 """
 
 from __future__ import annotations
@@ -149,33 +152,42 @@ class QFormerEncoder(nn.Module):
 
 
 class QFormerEmbeddings(nn.Module):
-    """InstructBLIP: word + position embeddings of the instruction, LayerNorm over [queries ; text]."""
+    """Word + position embeddings of the text, LayerNorm over [queries ; text].
 
-    def __init__(self, config) -> None:
+    ``norm_name``: the LayerNorm's key — ``layernorm`` in InstructBLIP checkpoints, ``LayerNorm`` (BERT's) in
+    BLIP-Diffusion's.
+    """
+
+    def __init__(self, config, norm_name: str = "layernorm") -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm_name = norm_name
+        setattr(self, norm_name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return getattr(self, self.norm_name)
+
     def forward(self, query_embeds: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
-        x = query_embeds.to(self.layernorm.weight.dtype)
+        x = query_embeds.to(self.norm.weight.dtype)
         if input_ids is not None and input_ids.shape[1] > 0:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # (B, T, D)
             x = torch.cat([x, text.to(x.dtype)], dim=1)  # (B, Q + T, D)
-        return self.dropout(self.layernorm(x))
+        return self.dropout(self.norm(x))
 
 
 class QFormerModel(nn.Module):
     """Queries (B, Q, D) + image tokens (B, N, Dv) [+ instruction ids (B, T)] → query outputs (B, Q, D)."""
 
-    def __init__(self, config, text_input: bool) -> None:
+    def __init__(self, config, text_input: bool, norm_name: str = "layernorm") -> None:
         super().__init__()
         self.config = config
         self.text_input = text_input
         if text_input:
-            self.embeddings = QFormerEmbeddings(config)
+            self.embeddings = QFormerEmbeddings(config, norm_name)
         else:
             self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -189,13 +201,22 @@ class QFormerModel(nn.Module):
         image_embeds: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the Q-Former; ``attention_mask`` (B, T) masks instruction padding (1 = keep)."""
+        """Run the Q-Former; ``attention_mask`` (B, T) masks text padding (1 = keep).
+
+        The text is ``input_ids`` (B, T) for a Q-Former with its own embeddings (InstructBLIP, BLIP-Diffusion),
+        or ready ``text_embeds`` (B, T, D) for one without (BLIP-2 retrieval checkpoints keep word + position
+        embeddings outside); either way queries and text share self-attention.
+        """
         num_queries = query_embeds.shape[1]
         if self.text_input:
             x = self.embeddings(query_embeds, input_ids)
         else:
-            x = self.dropout(self.layernorm(query_embeds.to(self.layernorm.weight.dtype)))
+            x = query_embeds.to(self.layernorm.weight.dtype)
+            if text_embeds is not None:
+                x = torch.cat([x, text_embeds.to(x.dtype)], dim=1)  # (B, Q + T, D)
+            x = self.dropout(self.layernorm(x))
         image_embeds = image_embeds.to(x.dtype)
         mask = None
         if attention_mask is not None and x.shape[1] > num_queries and not bool(attention_mask.all()):

@@ -5,7 +5,9 @@ Notable features:
   ``encoder.layers.N.self_attn.qkv``, ``post_layernorm``), so loading is a plain state-dict copy;
 - one fused ``qkv`` projection and ``F.scaled_dot_product_attention``;
 - everything is read from the transformers vision config: width, depth, heads, patch and image size,
-  ``qkv_bias``, ``hidden_act``, ``layer_norm_eps``.
+  ``qkv_bias``, ``hidden_act`` (``gelu`` for EVA, ``quick_gelu`` for CLIP), ``layer_norm_eps``;
+- BLIP-Diffusion's CLIP-style encoder (``visual_encoder.`` in diffusers' layout) is the same module with a
+  ``pre_layernorm`` before the blocks and a patch embedding without bias.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from transformers.activations import ACT2FN
 class VisionEmbeddings(nn.Module):
     """Patch embedding + class token + learned positions."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, patch_bias: bool = True) -> None:
         super().__init__()
         width = config.hidden_size
         self.patch_size = config.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, width))
-        self.patch_embedding = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=patch_bias
+        )
         num_positions = (config.image_size // config.patch_size) ** 2 + 1
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, width))
 
@@ -104,18 +108,25 @@ class VisionEncoderStack(nn.Module):
 
 
 class VisionModel(nn.Module):
-    """ViT: ``pixel_values`` (B, 3, H, W) → image tokens (B, 1 + (H/p)·(W/p), D), CLS first."""
+    """ViT: ``pixel_values`` (B, 3, H, W) → image tokens (B, 1 + (H/p)·(W/p), D), CLS first.
 
-    def __init__(self, config) -> None:
+    ``clip_style``: BLIP-Diffusion's encoder — a ``pre_layernorm`` over the embeddings and no patch bias.
+    """
+
+    def __init__(self, config, clip_style: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = VisionEmbeddings(config)
+        self.embeddings = VisionEmbeddings(config, patch_bias=not clip_style)
+        if clip_style:
+            self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = VisionEncoderStack(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encode images into patch tokens (CLS token first), after the final LayerNorm."""
         x = self.embeddings(pixel_values)
+        if hasattr(self, "pre_layernorm"):
+            x = self.pre_layernorm(x)
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)

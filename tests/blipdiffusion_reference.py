@@ -1,0 +1,104 @@
+"""Runs in the reference environment (``reference_env.py``): builds a small random BLIP-Diffusion Q-Former with
+diffusers' own class, saves it in the pipeline's layout, and writes the embeddings the pipeline would use.
+
+    python blipdiffusion_reference.py OUT --requests requests.json [--seed 0] [--cross-attention-frequency 1]
+
+``requests.json`` lists {"image": path, "text": subject}. Output: ``OUT/pipeline/qformer`` (config.json +
+model.safetensors, written by ``save_pretrained``), ``OUT/pipeline/image_processor``, ``OUT/bert`` (the offline
+BERT tokenizer named by the config), and ``OUT/reference.safetensors`` with ``embeds.N`` (Q, D) and
+``pixels.N`` for each request: ``qformer(text_input=[text], image_input=pixels, return_dict=False)``, the call
+BLIP-Diffusion's pipeline makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
+from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import BertTokenizer
+from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+
+WORDS = ["a", "the", "dog", "cat", "red", "blue", "green", "circle", "square", "photo", "of", "on", "in"]
+WORDS += ["small", "big", "sitting", "toy", "car", "house"]
+
+
+def bert_tokenizer(folder: Path) -> Path:
+    """An uncased WordPiece vocabulary written offline: specials, words, letters and ##letters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *letters, *("##" + c for c in letters)]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--requests", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cross-attention-frequency", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=32)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    bert = bert_tokenizer(args.out / "bert")
+    vocab_size = len(BertTokenizer.from_pretrained(str(bert))) + 1  # + [DEC], which the model adds as BOS
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=args.image_size,
+            patch_size=8,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            cross_attention_frequency=args.cross_attention_frequency,
+            encoder_hidden_size=32,
+            vocab_size=vocab_size,
+            max_position_embeddings=64,
+        ),
+        num_query_tokens=4,
+        tokenizer=str(bert),
+    )
+    model = Blip2QFormerModel(config)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # a wider spread than the init, so every weight matters
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(noise * 1.5 / max(1.0, p.shape[-1] ** 0.5))
+    model.eval()
+    pipeline = args.out / "pipeline"
+    model.save_pretrained(pipeline / "qformer", safe_serialization=True)
+    processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    processor.save_pretrained(pipeline / "image_processor")
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "BlipDiffusionPipeline"}))
+
+    tensors = {}
+    for i, request in enumerate(json.loads(args.requests.read_text())):
+        pixels = processor.preprocess(Image.open(request["image"]), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            embeds = model(text_input=[request["text"]], image_input=pixels, return_dict=False)
+        tensors[f"embeds.{i}"] = embeds[0].contiguous()
+        tensors[f"pixels.{i}"] = pixels[0].contiguous()
+    save_file(tensors, args.out / "reference.safetensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Multimodal embeddings: ``vlm.embed`` against transformers' query outputs, BLIP-Diffusion's Q-Former against
+diffusers' own class (run in its own environment, see ``reference_env.py``), and ``python -m blipdemo.embed``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference_env
+import torch
+from conftest import COMBOS
+from PIL import Image
+from reference import reference
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import blipdemo
+from blipdemo.embedding import text_ids
+from blipdemo.loading import CheckpointError
+
+HERE = Path(__file__).resolve().parent
+SUBJECTS = ["dog", "red car", "A small CAT sitting", "zebra on a house"]
+
+
+# ------------------------------------------------------------------------------------------------
+# InstructBLIP / BLIP-2: the Q-Former's query outputs, as transformers computes them
+def _reference_query_outputs(folder, image, text: str | None) -> torch.Tensor:
+    model, processor, family = reference(folder)
+    pixel_values = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    kwargs = {}
+    if family == "instructblip":
+        if text is None:
+            ids = torch.zeros(1, 0, dtype=torch.long)  # no instruction: the queries read the image alone
+        else:
+            ids = processor.qformer_tokenizer(text, return_tensors="pt")["input_ids"]
+        kwargs["qformer_input_ids"] = ids
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values, return_dict=True, **kwargs)
+    return out.qformer_outputs[0][0, : model.config.num_query_tokens]
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint_dir):
+    cache: dict = {}
+
+    def get(family, lm):
+        if (family, lm) not in cache:
+            cache[family, lm] = blipdemo.load(checkpoint_dir(family, lm), dtype="float32", device="cpu")
+        return cache[family, lm]
+
+    return get
+
+
+@pytest.mark.parametrize("family,lm", COMBOS)
+def test_embed_matches_transformers_query_outputs(loaded, checkpoint_dir, images, family, lm):
+    vlm = loaded(family, lm)
+    folder = checkpoint_dir(family, lm)
+    texts = [None, "What color is the circle?", "Describe the image in detail."] if family == "instructblip" else [None]
+    for image in images:
+        for text in texts:
+            ours = vlm.embed(image, text)
+            expected = _reference_query_outputs(folder, image, text)
+            assert ours.shape == (vlm.config.num_query_tokens, vlm.config.qformer_config.hidden_size)
+            torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    if family == "instructblip":  # the instruction really changes the embedding
+        assert not torch.allclose(vlm.embed(images[0], "What color is the circle?"), vlm.embed(images[0]), atol=1e-3)
+
+
+def test_embed_refuses_what_it_cannot_embed(loaded, images):
+    instructblip, blip2 = loaded("instructblip", "llama"), loaded("blip2", "opt")
+    with pytest.raises(ValueError, match="no text embeddings"):
+        blip2.embed(images[0], "a dog")
+    with pytest.raises(ValueError, match="empty"):
+        instructblip.embed(images[0], "  \n")
+    with pytest.raises(ValueError, match="too long"):
+        instructblip.embed(images[0], "circle " * 500)
+    with pytest.raises(ValueError, match="must be a string"):
+        instructblip.embed(images[0], 42)
+    with pytest.raises(blipdemo.ImageError):
+        instructblip.embed(b"not an image at all", "a dog")
+
+
+def test_load_qformer_on_a_generation_checkpoint_skips_the_language_model(loaded, checkpoint_dir, images):
+    folder = checkpoint_dir("instructblip", "t5")
+    encoder = blipdemo.load_qformer(folder, dtype="float32", device="cpu")
+    assert encoder.language_model is None
+    assert "no language model" in encoder.load_info["kind"]
+    full = loaded("instructblip", "t5")
+    torch.testing.assert_close(encoder.embed(images[1], "Where is it?"), full.embed(images[1], "Where is it?"))
+    with pytest.raises(ValueError, match="without its language model"):
+        encoder.ask(images[1], "Where is it?")
+
+
+# ------------------------------------------------------------------------------------------------
+# BLIP-Diffusion: against diffusers' Blip2QFormerModel in the reference environment
+def _test_images(folder: Path) -> list[Path]:
+    rng = np.random.default_rng(7)
+    arrays = [
+        rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),  # noise, not square
+        np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)),  # blocks
+        np.linspace(0, 255, 90 * 30 * 3).reshape(30, 90, 3).astype(np.uint8),  # a wide gradient
+    ]
+    paths = []
+    for i, array in enumerate(arrays):
+        paths.append(folder / f"image-{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["cross-every-layer", "cross-every-2nd-layer"])
+def blip_diffusion(request, tmp_path_factory):
+    """(pipeline folder, requests, reference tensors) made by diffusers 0.31 + transformers 4.46."""
+    python = reference_env.ensure()
+    folder = tmp_path_factory.mktemp(f"blipdiffusion-{request.param}")
+    images = _test_images(folder)
+    requests = [{"image": str(images[i % len(images)]), "text": text} for i, text in enumerate(SUBJECTS)]
+    (folder / "requests.json").write_text(json.dumps(requests))
+    command = [str(python), str(HERE / "blipdiffusion_reference.py"), str(folder / "out")]
+    command += ["--requests", str(folder / "requests.json"), "--seed", str(request.param)]
+    command += ["--cross-attention-frequency", str(request.param)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "out" / "pipeline", requests, load_file(folder / "out" / "reference.safetensors")
+
+
+def test_blip_diffusion_matches_diffusers(blip_diffusion):
+    pipeline, requests, expected = blip_diffusion
+    model = blipdemo.load_qformer(pipeline, dtype="float32", device="cpu")
+    assert isinstance(model, blipdemo.BlipDiffusionQFormer)
+    for i, request in enumerate(requests):
+        ours = model.embed(request["image"], request["text"])
+        assert ours.shape == expected[f"embeds.{i}"].shape == (4, 32)
+        torch.testing.assert_close(ours, expected[f"embeds.{i}"], atol=1e-4, rtol=1e-4)
+    # The subject word matters, and so does the picture.
+    image = requests[0]["image"]
+    assert not torch.allclose(model.embed(image, "dog"), model.embed(image, "car"), atol=1e-3)
+    assert not torch.allclose(model.embed(image, "dog"), model.embed(requests[1]["image"], "dog"), atol=1e-3)
+    assert model.embed(image).shape == (4, 32)  # no text: the queries read the image alone
+    # Typed special tokens are plain text (as in the chat), where diffusers would read "[SEP]" as a separator.
+    sep = model.tokenizer.sep_token_id
+    assert text_ids(model.tokenizer, "dog [SEP] cat", 64)[0, 1:-1].tolist().count(sep) == 0
+
+
+def test_blip_diffusion_qformer_folder_alone(blip_diffusion):
+    """The qformer/ folder on its own: diffusers' processor defaults (square resize, CLIP statistics)."""
+    pipeline, requests, expected = blip_diffusion
+    model = blipdemo.load_qformer(pipeline / "qformer", dtype="float32", device="cpu")
+    torch.testing.assert_close(model.embed(requests[0]["image"], requests[0]["text"]), expected["embeds.0"])
+
+
+def test_blip_diffusion_bfloat16_stays_close(blip_diffusion):
+    pipeline, requests, expected = blip_diffusion
+    model = blipdemo.load_qformer(pipeline, dtype="bfloat16", device="cpu")
+    ours = model.embed(requests[0]["image"], requests[0]["text"]).float()
+    cos = torch.nn.functional.cosine_similarity(ours.flatten(), expected["embeds.0"].flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_blip_diffusion_loading_is_strict(blip_diffusion, tmp_path):
+    pipeline, _, _ = blip_diffusion
+    source = pipeline / "qformer"
+    state = load_file(source / "model.safetensors")
+    for name in ("config.json",):
+        (tmp_path / name).write_text((source / name).read_text())
+    broken = dict(state)
+    del broken["proj_layer.dense1.weight"]
+    broken["proj_layer.extra"] = torch.zeros(3)
+    save_file(broken, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"proj_layer\.dense1\.weight.*proj_layer\.extra"):
+        blipdemo.load_qformer(tmp_path, dtype="float32")
+    broken = dict(state, **{"embeddings.position_ids": torch.arange(64).flip(0)[None]})
+    save_file(broken, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="position_ids"):
+        blipdemo.load_qformer(tmp_path, dtype="float32")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    root = HERE.parent
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "blipdemo.embed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def test_embed_command_saves_and_compares(blip_diffusion, tmp_path):
+    pipeline, requests, expected = blip_diffusion
+    first, second = requests[0]["image"], requests[1]["image"]
+    args = (first, "dog", "--model", str(pipeline), "--compare", second, "--output", "out.safetensors")
+    done = _run(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "(4, 32)" in done.stdout
+    with safe_open(tmp_path / "out.safetensors", framework="pt") as f:
+        assert f.metadata()["text"] == "dog"
+        saved, other = f.get_tensor("embedding"), f.get_tensor("compare_embedding")
+    torch.testing.assert_close(saved, expected["embeds.0"], atol=1e-4, rtol=1e-4)  # request 0 is image 0 + "dog"
+    a, b = saved.flatten().double(), other.flatten().double()
+    cosine = float(a @ b / (a.norm() * b.norm()))
+    assert f"cosine similarity with {second}: {cosine:.4f}" in done.stdout
+
+
+def test_embed_command_default_output_and_bad_input(checkpoint_dir, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (20, 30), (10, 200, 30)).save(image)
+    folder = str(checkpoint_dir("instructblip", "llama"))
+    done = _run(str(image), "What is it?", "--model", folder, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "photo.embedding.safetensors").is_file()
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG not really")
+    done = _run(str(tmp_path / "fake.png"), "--model", folder, cwd=tmp_path)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+    done = _run(str(image), "a dog", "--model", str(checkpoint_dir("blip2", "opt")), cwd=tmp_path)
+    assert done.returncode == 2 and "no text embeddings" in done.stderr
+    done = _run(str(image), "--model", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 2 and "nowhere" in done.stderr
+
+
+def test_embed_command_falls_back_to_the_embedded_model(tmp_path):
+    """No network here: the default BLIP-Diffusion model cannot be fetched, so the embedded model answers."""
+    example = sorted((HERE.parent / "assets" / "examples").glob("*.png"))[0]
+    done = _run(str(example), "What color is the circle?", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "embedded tiny model" in done.stderr and "(16, 128)" in done.stdout
