@@ -9,13 +9,14 @@ blipdemo.load_qformer("Salesforce/blipdiffusion").embed("dog.jpg", "dog")   # BL
 
 from .attention import Explanation
 from .decoding import INSTRUCTBLIP_DEFAULTS
-from .embedding import BlipDiffusionQFormer
+from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .images import ImageError, load_image
 from .loading import CheckpointError, CheckpointUnavailable, load, load_qformer, plan_device_map
 from .model import VisionLanguageModel
 
 __all__ = [
     "INSTRUCTBLIP_DEFAULTS",
+    "Blip2TextQFormer",
     "BlipDiffusionQFormer",
     "CheckpointError",
     "CheckpointUnavailable",

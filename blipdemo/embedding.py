@@ -4,9 +4,14 @@ BLIP-Diffusion feeds an image and a subject word through a BLIP-2 Q-Former and t
 passed through a small residual MLP (``ProjLayer``), as the embeddings that condition its image generator.
 ``BlipDiffusionQFormer`` is that model in the layout diffusers saves (``Salesforce/blipdiffusion``, folder
 ``qformer/``): our ``VisionModel`` in its CLIP style as ``visual_encoder``, our ``QFormerModel`` with BERT's
-``embeddings.LayerNorm``, and ``proj_layer``. Load it with ``blipdemo.load_qformer``.
+``embeddings.LayerNorm``, and ``proj_layer``.
 
-InstructBLIP / BLIP-2 checkpoints give the same kind of embedding through ``VisionLanguageModel.embed``.
+``Blip2TextQFormer`` is the Q-Former of a BLIP-2 image–text checkpoint (``Blip2ForImageTextRetrieval``, e.g.
+``Salesforce/blip2-itm-vit-g``): BLIP-2's own Q-Former with its word embeddings, where queries and text share
+self-attention as in BLIP-Diffusion. Load either with ``blipdemo.load_qformer``.
+
+InstructBLIP / BLIP-2 generation checkpoints give the same kind of embedding through
+``VisionLanguageModel.embed``.
 """
 
 from __future__ import annotations
@@ -52,7 +57,22 @@ class ProjLayer(nn.Module):
         return x + self.dropout(self.dense2(self.act_fn(self.dense1(self.LayerNorm(x)))))
 
 
-class BlipDiffusionQFormer(QFormerModel):
+class _Embedder:
+    """``embed`` for a model with ``image_processor``, ``tokenizer`` and ``embeddings_from_pixels``."""
+
+    image_processor = None
+    tokenizer = None
+
+    @torch.inference_mode()
+    def embed(self, image, text: str | None = None) -> torch.Tensor:
+        """The multimodal embedding (num_query_tokens, hidden) of ``image``, its queries attending to ``text``
+        (e.g. a subject word such as "dog", as BLIP-Diffusion uses it) where given."""
+        pixel_values = self.image_processor(images=load_image(image), return_tensors="pt")["pixel_values"]
+        ids = None if text is None else text_ids(self.tokenizer, text, self.text_limit)
+        return self.embeddings_from_pixels(pixel_values, ids)[0]
+
+
+class BlipDiffusionQFormer(_Embedder, QFormerModel):
     """BLIP-Diffusion's Q-Former: image (+ subject text) → multimodal embeddings (Q, D).
 
     Keys equal diffusers' ``Blip2QFormerModel``: ``visual_encoder.*``, ``query_tokens``, ``embeddings.*``
@@ -78,6 +98,10 @@ class BlipDiffusionQFormer(QFormerModel):
     def dtype(self) -> torch.dtype:
         return self.query_tokens.dtype
 
+    @property
+    def text_limit(self) -> int:
+        return self.config.max_position_embeddings
+
     def embeddings_from_pixels(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``pixel_values`` (B, 3, H, W) [+ text ids (B, T)] → multimodal embeddings (B, Q, D).
 
@@ -89,10 +113,58 @@ class BlipDiffusionQFormer(QFormerModel):
             input_ids = input_ids.to(self.device)
         return self.proj_layer(self(queries, image_embeds, input_ids))  # (B, Q, D)
 
-    @torch.inference_mode()
-    def embed(self, image, text: str | None = None) -> torch.Tensor:
-        """The multimodal embedding (num_query_tokens, hidden) of ``image``, attending to ``text`` (a subject
-        word such as "dog", as BLIP-Diffusion uses it) where given."""
-        pixel_values = self.image_processor(images=load_image(image), return_tensors="pt")["pixel_values"]
-        ids = None if text is None else text_ids(self.tokenizer, text, self.config.max_position_embeddings)
-        return self.embeddings_from_pixels(pixel_values, ids)[0]
+
+class TextEmbeddings(nn.Module):
+    """Word + position embeddings of a BLIP-2 image–text checkpoint (``embeddings.*``). No LayerNorm here: the
+    Q-Former's own ``layernorm`` normalises [queries ; text]."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) → (B, T, D); positions count from 0 at the first text token."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)
+
+
+class Blip2TextQFormer(_Embedder, nn.Module):
+    """The Q-Former of a BLIP-2 image–text checkpoint: image (+ text) → query outputs (Q, D).
+
+    Keys equal ``Blip2ForImageTextRetrieval``'s: ``vision_model.*``, ``query_tokens``, ``embeddings.*`` and
+    ``qformer.*``; its matching and contrastive heads are not part of the embedding (the loader names them).
+    """
+
+    HEADS = ("vision_projection.", "text_projection.", "itm_head.")
+
+    def __init__(self, config, tokenizer=None, image_processor=None) -> None:
+        super().__init__()
+        qcfg = config.qformer_config
+        self.config = config
+        self.vision_model = VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
+        self.embeddings = TextEmbeddings(qcfg)
+        self.qformer = QFormerModel(qcfg, text_input=False)  # with the text feed-forward: use_qformer_text_input
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.load_info: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query_tokens.dtype
+
+    @property
+    def text_limit(self) -> int:
+        return self.config.qformer_config.max_position_embeddings
+
+    def embeddings_from_pixels(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixel_values`` (B, 3, H, W) [+ text ids (B, T)] → query outputs (B, Q, D)."""
+        image_embeds = self.vision_model(pixel_values.to(self.device, self.dtype))  # (B, N, Dv)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        text = None if input_ids is None else self.embeddings(input_ids.to(self.device))
+        return self.qformer(queries, image_embeds, text_embeds=text)  # (B, Q, D)

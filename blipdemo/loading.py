@@ -35,6 +35,7 @@ from transformers import (
     InstructBlipConfig,
 )
 
+from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -551,13 +552,10 @@ def _blip_diffusion_tokenizer(folder: Path, config, vocab_size: int):
     return tokenizer
 
 
-def _load_blip_diffusion(folder: Path, config, files: list[Path], processor_folder: Path | None, device, dtype):
+def _blip_diffusion_processor(config, processor_folder: Path | None):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
     from transformers.models.blip import BlipImageProcessorPil
 
-    from .embedding import BlipDiffusionQFormer
-
-    tokenizer = _blip_diffusion_tokenizer(folder, config, config.qformer_config.vocab_size)
     if processor_folder is not None:
         processor = BlipImageProcessorPil.from_pretrained(processor_folder)
     else:  # diffusers' BlipImageProcessor defaults: a square resize to the encoder's size, CLIP statistics
@@ -570,17 +568,24 @@ def _load_blip_diffusion(folder: Path, config, files: list[Path], processor_fold
         )
     # diffusers' processor center-crops to ``size`` after resizing to it (a no-op) and saves no crop_size.
     processor.do_center_crop = False
+    return processor
+
+
+def _load_strict(model_class, folder: Path, config, files: list[Path], tokenizer, processor, device, dtype, heads=()):
+    """Build ``model_class`` on meta and fill it from every tensor of ``files`` (strict); tensors under the
+    ``heads`` prefixes are known parts of the checkpoint that the embedding does not use."""
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118
-                state[key] = f.get_tensor(key)
+                if not key.startswith(heads):  # startswith(()) is False: nothing dropped
+                    state[key] = f.get_tensor(key)
     for key in DERIVED_KEYS:
         derived = state.pop(key, None)
         if derived is not None and not torch.equal(derived.reshape(-1), torch.arange(derived.numel())):
             raise CheckpointError(f"{folder}: {key} is not 0, 1, 2, …: this is not a checkpoint we understand.")
     with torch.device("meta"):
-        model = BlipDiffusionQFormer(config, tokenizer, processor)
+        model = model_class(config, tokenizer, processor)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, str(folder))
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
@@ -598,8 +603,10 @@ def load_qformer(
 
     ``name_or_path``: BLIP-Diffusion (``Salesforce/blipdiffusion``, a local copy of that pipeline, or its
     ``qformer/`` folder) → a ``BlipDiffusionQFormer`` whose embeddings are what the pipeline conditions on
-    (``ProjLayer`` applied); an InstructBLIP / BLIP-2 checkpoint → its ``VisionLanguageModel`` without the
-    language model (nothing of the LM is loaded), whose ``embed`` gives the Q-Former's query outputs.
+    (``ProjLayer`` applied); a BLIP-2 image-text checkpoint (``Salesforce/blip2-itm-vit-g``) → a
+    ``Blip2TextQFormer`` (queries and text share self-attention); an InstructBLIP / BLIP-2 generation
+    checkpoint → its ``VisionLanguageModel`` without the language model (nothing of the LM is loaded), whose
+    ``embed`` gives the Q-Former's query outputs.
     From the hub only the Q-Former's files are fetched. ``dtype`` / ``device`` as in ``load``.
     """
     folder, processor_folder = _qformer_folders(name_or_path, revision)
@@ -616,15 +623,25 @@ def load_qformer(
     if any(k.startswith("visual_encoder.") for k in keys):
         if not isinstance(config, Blip2Config):
             raise CheckpointError(f"{folder}: a BLIP-Diffusion Q-Former needs a BLIP-2 config.json.")
-        model = _load_blip_diffusion(folder, config, files, processor_folder, core_device, dtype)
+        tokenizer = _blip_diffusion_tokenizer(folder, config, config.qformer_config.vocab_size)
+        processor = _blip_diffusion_processor(config, processor_folder)
+        model = _load_strict(BlipDiffusionQFormer, folder, config, files, tokenizer, processor, core_device, dtype)
         kind = "BLIP-Diffusion Q-Former"
+    elif "embeddings.word_embeddings.weight" in keys and not any(k.startswith(LM_PREFIX) for k in keys):
+        if not isinstance(config, Blip2Config):
+            raise CheckpointError(f"{folder}: a BLIP-2 image-text Q-Former needs a BLIP-2 config.json.")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
+        heads = Blip2TextQFormer.HEADS
+        model = _load_strict(Blip2TextQFormer, folder, config, files, tokenizer, processor, core_device, dtype, heads)
+        kind = "BLIP-2 image-text Q-Former"
     elif any(k.startswith(LM_PREFIX) for k in keys):
         model = _load_core_model(folder, config, files, core_device, dtype, cache_size=16)
         kind = ("InstructBLIP" if model.family == "instructblip" else "BLIP-2") + " Q-Former (no language model)"
     else:
         raise CheckpointError(
-            f"{folder} is neither a BLIP-Diffusion Q-Former (visual_encoder.* keys) nor an InstructBLIP / BLIP-2 "
-            "checkpoint (language_model.* keys)."
+            f"{folder} is neither a BLIP-Diffusion Q-Former (visual_encoder.* keys), a BLIP-2 image-text checkpoint "
+            "(embeddings.word_embeddings), nor an InstructBLIP / BLIP-2 checkpoint (language_model.* keys)."
         )
     model.load_info = {
         "name": str(name_or_path),

@@ -274,7 +274,7 @@ class VisionLanguageModel(nn.Module):
 
         InstructBLIP: ``text`` is the instruction, embedded by the Q-Former exactly as in generation (None: the
         queries read the image alone). BLIP-2: the Q-Former of a generation checkpoint has no text embeddings,
-        so ``text`` must be None (BLIP-Diffusion's Q-Former, ``blipdemo.load_qformer``, takes text).
+        so ``text`` must be None (image-text and BLIP-Diffusion Q-Formers, ``blipdemo.load_qformer``, take text).
         The image tokens come from the same cache as generation's.
         """
         ids = None
@@ -282,8 +282,8 @@ class VisionLanguageModel(nn.Module):
             if self.family == "blip2":
                 raise ValueError(
                     "This BLIP-2 checkpoint's Q-Former has no text embeddings (its queries never read text): "
-                    "embed the image alone (text=None), or use a Q-Former made for text such as BLIP-Diffusion's "
-                    "(blipdemo.load_qformer)."
+                    "embed the image alone (text=None), or load a Q-Former made for text with blipdemo.load_qformer "
+                    "(BLIP-2 image-text checkpoints such as Salesforce/blip2-itm-vit-g, or Salesforce/blipdiffusion)."
                 )
             ids = text_ids(self.qformer_tokenizer, text, self._limits()[1])
         image_embeds = self.image_embeddings(self.preprocess(image))

@@ -14,6 +14,7 @@ import torch
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     Blip2Processor,
     BlipImageProcessor,
     InstructBlipConfig,
@@ -159,4 +160,38 @@ def make_checkpoint(
     _redraw(model, seed)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+def make_retrieval_checkpoint(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A random BLIP-2 image-text checkpoint (``Blip2ForImageTextRetrieval``, the layout of
+    Salesforce/blip2-itm-vit-g): Q-Former with word embeddings and the text feed-forward, no LM."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = wordpiece_tokenizer(WORDS, max_length=64)
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            cross_attention_frequency=2,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            vocab_size=len(tok),
+            use_qformer_text_input=True,
+        ),
+        num_query_tokens=4,
+        image_text_hidden_size=16,
+    )
+    model = Blip2ForImageTextRetrieval(config)
+    _redraw(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    ).save_pretrained(path)
     return path

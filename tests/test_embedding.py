@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import reference_env
 import torch
+from checkpoints import make_retrieval_checkpoint
 from conftest import COMBOS
 from PIL import Image
 from reference import reference
@@ -93,6 +94,34 @@ def test_load_qformer_on_a_generation_checkpoint_skips_the_language_model(loaded
     torch.testing.assert_close(encoder.embed(images[1], "Where is it?"), full.embed(images[1], "Where is it?"))
     with pytest.raises(ValueError, match="without its language model"):
         encoder.ask(images[1], "Where is it?")
+
+
+# ------------------------------------------------------------------------------------------------
+# BLIP-2 image-text checkpoints: queries and text share self-attention
+def test_blip2_image_text_checkpoint_matches_transformers(tmp_path, images):
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, BlipImageProcessor
+
+    folder = make_retrieval_checkpoint(tmp_path / "itm")
+    reference = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = BlipImageProcessor.from_pretrained(folder)
+    captured = []
+    reference.qformer.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+
+    def expected(image, text):
+        captured.clear()
+        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+        ids = tokenizer(text or "x", return_tensors="pt")
+        with torch.no_grad():  # the matching head reads [queries ; text]; the contrastive path the queries alone
+            reference(pixel_values, ids["input_ids"], ids["attention_mask"], use_image_text_matching_head=bool(text))
+        return captured[0][0, :4]
+
+    model = blipdemo.load_qformer(folder, dtype="float32", device="cpu")
+    assert isinstance(model, blipdemo.Blip2TextQFormer)
+    for image in images:
+        for text in (None, "a photo of a cat", "Where is the red square?"):
+            torch.testing.assert_close(model.embed(image, text), expected(image, text), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.embed(images[0], "a dog"), model.embed(images[0], "a cat"), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
