@@ -181,6 +181,39 @@ def test_blip_diffusion_qformer_folder_alone(blip_diffusion):
     torch.testing.assert_close(model.embed(requests[0]["image"], requests[0]["text"]), expected["embeds.0"])
 
 
+def test_blip_diffusion_from_the_hub_fetches_only_the_qformer(blip_diffusion, tmp_path, monkeypatch):
+    """`load_qformer("Salesforce/blipdiffusion")`: a stand-in for the hub serves the pipeline's files (plus a
+    UNet and a text encoder); only the Q-Former's and the image processor's files may be fetched."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    pipeline, requests, expected = blip_diffusion
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline, repo)
+    for heavy in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/x.bin"):
+        (repo / heavy).parent.mkdir(parents=True, exist_ok=True)
+        (repo / heavy).write_bytes(b"\0" * 1024)
+    fetched: list[str] = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        assert repo_id == "Salesforce/blipdiffusion"
+        snapshot = tmp_path / "snapshot"
+        files = [str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, snapshot / name)
+            fetched.append(name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = blipdemo.load_qformer("Salesforce/blipdiffusion", dtype="float32")
+    torch.testing.assert_close(model.embed(requests[0]["image"], requests[0]["text"]), expected["embeds.0"])
+    assert "qformer/model.safetensors" in fetched and "image_processor/preprocessor_config.json" in fetched
+    assert not [name for name in fetched if name.startswith(("unet", "text_encoder", "vae"))], fetched
+
+
 def test_blip_diffusion_bfloat16_stays_close(blip_diffusion):
     pipeline, requests, expected = blip_diffusion
     model = blipdemo.load_qformer(pipeline, dtype="bfloat16", device="cpu")
