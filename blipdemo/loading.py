@@ -516,19 +516,25 @@ DERIVED_KEYS = ("embeddings.position_ids",)
 BERT_FALLBACK = "bert-base-uncased"  # what diffusers' Blip2QFormerModel loads when its config names no tokenizer
 
 
-def _qformer_folders(name_or_path: str | Path, revision: str | None) -> tuple[Path, Path | None]:
-    """(folder with config.json + weights, folder of a BLIP-Diffusion pipeline's image processor or None)."""
+def _qformer_folders(name_or_path: str | Path, revision: str | None) -> tuple[Path, Path | None, dict]:
+    """(folder with config.json + weights, folder of the image processor or None, the pipeline's settings).
+
+    A BLIP-Diffusion pipeline's ``model_index.json`` may set its own ``mean`` / ``std``: the pipeline normalises
+    the reference image with those, not with the image processor's.
+    """
     root = Path(name_or_path).expanduser()
     if not root.is_dir():  # a hub id: look at its layout first, then fetch only what is needed
         root = resolve_checkpoint(name_or_path, revision, PROBE_PATTERNS)
         pipeline = (root / "model_index.json").is_file() or (root / "qformer" / "config.json").is_file()
         root = resolve_checkpoint(name_or_path, revision, PIPELINE_PATTERNS if pipeline else HUB_PATTERNS)
     if (root / "qformer" / "config.json").is_file():  # a BLIP-Diffusion pipeline folder
+        index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
         processor = root / "image_processor"
-        return root / "qformer", processor if (processor / "preprocessor_config.json").is_file() else None
+        processor = processor if (processor / "preprocessor_config.json").is_file() else None
+        return root / "qformer", processor, index
     if (root / "model_index.json").is_file():
         raise CheckpointError(f"{root} is a diffusers pipeline without a qformer/ folder.")
-    return root, (root if (root / "preprocessor_config.json").is_file() else None)
+    return root, (root if (root / "preprocessor_config.json").is_file() else None), {}
 
 
 def _blip_diffusion_tokenizer(folder: Path, config, vocab_size: int):
@@ -552,7 +558,7 @@ def _blip_diffusion_tokenizer(folder: Path, config, vocab_size: int):
     return tokenizer
 
 
-def _blip_diffusion_processor(config, processor_folder: Path | None):
+def _blip_diffusion_processor(config, processor_folder: Path | None, pipeline: dict):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
     from transformers.models.blip import BlipImageProcessorPil
 
@@ -568,6 +574,10 @@ def _blip_diffusion_processor(config, processor_folder: Path | None):
         )
     # diffusers' processor center-crops to ``size`` after resizing to it (a no-op) and saves no crop_size.
     processor.do_center_crop = False
+    if pipeline.get("mean") is not None:
+        processor.image_mean = list(pipeline["mean"])
+    if pipeline.get("std") is not None:
+        processor.image_std = list(pipeline["std"])
     return processor
 
 
@@ -609,7 +619,7 @@ def load_qformer(
     ``embed`` gives the Q-Former's query outputs.
     From the hub only the Q-Former's files are fetched. ``dtype`` / ``device`` as in ``load``.
     """
-    folder, processor_folder = _qformer_folders(name_or_path, revision)
+    folder, processor_folder, pipeline = _qformer_folders(name_or_path, revision)
     core_device = resolve_device(device)
     dtype = resolve_dtype(dtype, core_device)
     if not (folder / "config.json").is_file():
@@ -624,7 +634,7 @@ def load_qformer(
         if not isinstance(config, Blip2Config):
             raise CheckpointError(f"{folder}: a BLIP-Diffusion Q-Former needs a BLIP-2 config.json.")
         tokenizer = _blip_diffusion_tokenizer(folder, config, config.qformer_config.vocab_size)
-        processor = _blip_diffusion_processor(config, processor_folder)
+        processor = _blip_diffusion_processor(config, processor_folder, pipeline)
         model = _load_strict(BlipDiffusionQFormer, folder, config, files, tokenizer, processor, core_device, dtype)
         kind = "BLIP-Diffusion Q-Former"
     elif "embeddings.word_embeddings.weight" in keys and not any(k.startswith(LM_PREFIX) for k in keys):

@@ -6,8 +6,8 @@ diffusers' own class, saves it in the pipeline's layout, and writes the embeddin
 ``requests.json`` lists {"image": path, "text": subject}. Output: ``OUT/pipeline/qformer`` (config.json +
 model.safetensors, written by ``save_pretrained``), ``OUT/pipeline/image_processor``, ``OUT/bert`` (the offline
 BERT tokenizer named by the config), and ``OUT/reference.safetensors`` with ``embeds.N`` (Q, D) and
-``pixels.N`` for each request: ``qformer(text_input=[text], image_input=pixels, return_dict=False)``, the call
-BLIP-Diffusion's pipeline makes.
+``pixels.N`` for each request: the pipeline's preprocessing (its own mean / std) and
+``qformer(text_input=[text], image_input=pixels, return_dict=False)``, the call BLIP-Diffusion's pipeline makes.
 """
 
 from __future__ import annotations
@@ -88,11 +88,15 @@ def main() -> None:
     model.save_pretrained(pipeline / "qformer", safe_serialization=True)
     processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
     processor.save_pretrained(pipeline / "image_processor")
-    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "BlipDiffusionPipeline"}))
+    # The pipeline normalises with its own mean / std when its config sets them (here: not the processor's).
+    mean, std = [0.5, 0.45, 0.4], [0.3, 0.25, 0.2]
+    index = {"_class_name": "BlipDiffusionPipeline", "mean": mean, "std": std}
+    (pipeline / "model_index.json").write_text(json.dumps(index))
 
     tensors = {}
     for i, request in enumerate(json.loads(args.requests.read_text())):
-        pixels = processor.preprocess(Image.open(request["image"]), return_tensors="pt")["pixel_values"]
+        image = Image.open(request["image"])
+        pixels = processor.preprocess(image, image_mean=mean, image_std=std, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             embeds = model(text_input=[request["text"]], image_input=pixels, return_dict=False)
         tensors[f"embeds.{i}"] = embeds[0].contiguous()

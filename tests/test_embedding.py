@@ -175,10 +175,17 @@ def test_blip_diffusion_matches_diffusers(blip_diffusion):
 
 
 def test_blip_diffusion_qformer_folder_alone(blip_diffusion):
-    """The qformer/ folder on its own: diffusers' processor defaults (square resize, CLIP statistics)."""
+    """The qformer/ folder on its own: diffusers' processor defaults (square resize, CLIP statistics), not the
+    pipeline's own mean / std, so the embedding differs from the pipeline's while the weights are the same."""
     pipeline, requests, expected = blip_diffusion
-    model = blipdemo.load_qformer(pipeline / "qformer", dtype="float32", device="cpu")
-    torch.testing.assert_close(model.embed(requests[0]["image"], requests[0]["text"]), expected["embeds.0"])
+    alone = blipdemo.load_qformer(pipeline / "qformer", dtype="float32", device="cpu")
+    whole = blipdemo.load_qformer(pipeline, dtype="float32", device="cpu")
+    pixels = whole.image_processor(images=Image.open(requests[0]["image"]), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels[0], expected["pixels.0"])
+    ids = text_ids(alone.tokenizer, requests[0]["text"], 64)
+    with torch.no_grad():  # the same weights: from the pipeline's pixels, the same embedding
+        torch.testing.assert_close(alone.embeddings_from_pixels(pixels, ids)[0], expected["embeds.0"])
+    assert alone.image_processor.image_mean != whole.image_processor.image_mean
 
 
 def test_blip_diffusion_from_the_hub_fetches_only_the_qformer(blip_diffusion, tmp_path, monkeypatch):
