@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="where to save (default: <image name>.embedding.safetensors)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the vision encoder (pays off for many images)")
     return p.parse_args(argv)
 
 
@@ -47,12 +48,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _load(args: argparse.Namespace):
     try:
-        return load_qformer(args.model, dtype=args.dtype, device=args.device)
+        return load_qformer(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     except CheckpointUnavailable as e:
         if args.model != DEFAULT_MODEL:
             raise
         print(f"{e}\nUsing the embedded tiny model ({EMBEDDED_MODEL.name}) instead.", file=sys.stderr)
-        return load_qformer(EMBEDDED_MODEL, dtype=args.dtype, device=args.device)
+        return load_qformer(EMBEDDED_MODEL, dtype=args.dtype, device=args.device, compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> int:

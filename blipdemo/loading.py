@@ -494,16 +494,20 @@ def _load_core_model(
     return vlm
 
 
-def compile_vision_encoder(vlm: VisionLanguageModel) -> None:
-    """torch.compile the ViT in place (names and weights unchanged) and pay the compile cost now."""
+def compile_vision_encoder(model) -> None:
+    """torch.compile the ViT in place (names and weights unchanged) and pay the compile cost now.
+
+    ``model``: a ``VisionLanguageModel`` or a Q-Former of ``load_qformer`` (its ``vision_model`` or
+    ``visual_encoder``)."""
     import torch._inductor.config as inductor_config
 
+    vision = getattr(model, "vision_model", None) or model.visual_encoder
     # Freezing lets inductor constant-fold the weights and prepack them for oneDNN / cuBLAS: inference only.
     inductor_config.freezing = True
-    vlm.vision_model.compile()
-    cfg = vlm.config.vision_config
+    vision.compile()
+    side = vision.config.image_size
     with torch.inference_mode():
-        vlm.vision_model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=vlm.device, dtype=vlm.dtype))
+        vision(torch.zeros(1, 3, side, side, device=model.device, dtype=model.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,6 +611,7 @@ def load_qformer(
     device: str | torch.device | None = None,
     *,
     revision: str | None = None,
+    compile: bool = False,
 ):
     """The Q-Former as an image (+ text) encoder; the returned object's ``embed(image, text=None)`` gives a
     (num_query_tokens, hidden) multimodal embedding.
@@ -617,7 +622,7 @@ def load_qformer(
     ``Blip2TextQFormer`` (queries and text share self-attention); an InstructBLIP / BLIP-2 generation
     checkpoint → its ``VisionLanguageModel`` without the language model (nothing of the LM is loaded), whose
     ``embed`` gives the Q-Former's query outputs.
-    From the hub only the Q-Former's files are fetched. ``dtype`` / ``device`` as in ``load``.
+    From the hub only the Q-Former's files are fetched. ``dtype`` / ``device`` / ``compile`` as in ``load``.
     """
     folder, processor_folder, pipeline = _qformer_folders(name_or_path, revision)
     core_device = resolve_device(device)
@@ -653,11 +658,14 @@ def load_qformer(
             f"{folder} is neither a BLIP-Diffusion Q-Former (visual_encoder.* keys), a BLIP-2 image-text checkpoint "
             "(embeddings.word_embeddings), nor an InstructBLIP / BLIP-2 checkpoint (language_model.* keys)."
         )
+    if compile:
+        compile_vision_encoder(model)
     model.load_info = {
         "name": str(name_or_path),
         "folder": str(folder),
         "kind": kind,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(core_device),
+        "compiled": compile,
     }
     return model

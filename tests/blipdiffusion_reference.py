@@ -2,18 +2,25 @@
 diffusers' own class, saves it in the pipeline's layout, and writes the embeddings the pipeline would use.
 
     python blipdiffusion_reference.py OUT --requests requests.json [--seed 0] [--cross-attention-frequency 1]
+                                      [--full-size] [--time N]
 
 ``requests.json`` lists {"image": path, "text": subject}. Output: ``OUT/pipeline/qformer`` (config.json +
 model.safetensors, written by ``save_pretrained``), ``OUT/pipeline/image_processor``, ``OUT/bert`` (the offline
 BERT tokenizer named by the config), and ``OUT/reference.safetensors`` with ``embeds.N`` (Q, D) and
 ``pixels.N`` for each request: the pipeline's preprocessing (its own mean / std) and
 ``qformer(text_input=[text], image_input=pixels, return_dict=False)``, the call BLIP-Diffusion's pipeline makes.
+
+``--full-size``: BLIP-Diffusion's real sizes (CLIP ViT-L/14 cut to 23 layers, a 12-layer Q-Former, 16 queries).
+``--time N``: also write ``OUT/timings.json``, the median seconds of N preprocess + Q-Former calls per request
+in float32 and bfloat16 (for ``benchmarks/embed_speed.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -45,35 +52,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cross-attention-frequency", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--time", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     bert = bert_tokenizer(args.out / "bert")
     vocab_size = len(BertTokenizer.from_pretrained(str(bert))) + 1  # + [DEC], which the model adds as BOS
-    config = Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=args.image_size,
-            patch_size=8,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        ),
-        qformer_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            cross_attention_frequency=args.cross_attention_frequency,
-            encoder_hidden_size=32,
-            vocab_size=vocab_size,
-            max_position_embeddings=64,
-        ),
-        num_query_tokens=4,
-        tokenizer=str(bert),
-    )
+    if args.full_size:  # the sizes of diffusers' conversion script (BLIP2_CONFIG) for Salesforce/blipdiffusion
+        args.image_size = 224
+        vision = dict(hidden_size=1024, num_hidden_layers=23, num_attention_heads=16, image_size=224, patch_size=14)
+        vision.update(intermediate_size=4096, hidden_act="quick_gelu")
+        qformer = dict(cross_attention_frequency=1, encoder_hidden_size=1024, vocab_size=30523)
+        queries = 16
+    else:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        vision.update(image_size=args.image_size, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+        qformer.update(cross_attention_frequency=args.cross_attention_frequency, encoder_hidden_size=32)
+        qformer.update(vocab_size=vocab_size, max_position_embeddings=64)
+        queries = 4
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=queries, tokenizer=str(bert))
     model = Blip2QFormerModel(config)
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # a wider spread than the init, so every weight matters
@@ -102,6 +101,28 @@ def main() -> None:
         tensors[f"embeds.{i}"] = embeds[0].contiguous()
         tensors[f"pixels.{i}"] = pixels[0].contiguous()
     save_file(tensors, args.out / "reference.safetensors")
+    if args.time:
+        (args.out / "timings.json").write_text(json.dumps(timings(model, processor, mean, std, args)))
+
+
+def timings(model, processor, mean, std, args) -> dict:
+    """Median seconds per request (preprocess + Q-Former call) in float32 and bfloat16."""
+    requests = json.loads(args.requests.read_text())
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        seconds = []
+        for request in requests:
+            image = Image.open(request["image"]).convert("RGB")
+            for run in range(args.time + 1):
+                start = time.perf_counter()
+                pixels = processor.preprocess(image, image_mean=mean, image_std=std, return_tensors="pt")
+                with torch.no_grad():
+                    model(text_input=[request["text"]], image_input=pixels["pixel_values"].to(dtype), return_dict=False)
+                if run:  # the first is a warm-up
+                    seconds.append(time.perf_counter() - start)
+        result[str(dtype).removeprefix("torch.")] = statistics.median(seconds)
+    return result
 
 
 if __name__ == "__main__":

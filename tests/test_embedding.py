@@ -229,6 +229,17 @@ def test_blip_diffusion_bfloat16_stays_close(blip_diffusion):
     assert cos > 0.99
 
 
+def test_compiled_vision_encoder_gives_the_same_embeddings(blip_diffusion, checkpoint_dir, images):
+    """``compile=True`` (torch.compile of the ViT, weights frozen) changes speed, not results."""
+    pipeline, requests, expected = blip_diffusion
+    compiled = blipdemo.load_qformer(pipeline, dtype="float32", compile=True)
+    assert compiled.load_info["compiled"]
+    torch.testing.assert_close(compiled.embed(requests[0]["image"], requests[0]["text"]), expected["embeds.0"])
+    folder = checkpoint_dir("instructblip", "llama")
+    eager, compiled = (blipdemo.load_qformer(folder, dtype="float32", compile=c) for c in (False, True))
+    torch.testing.assert_close(compiled.embed(images[0], "What is it?"), eager.embed(images[0], "What is it?"))
+
+
 def test_blip_diffusion_loading_is_strict(blip_diffusion, tmp_path):
     pipeline, _, _ = blip_diffusion
     source = pipeline / "qformer"
