@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .images import ImageError
@@ -66,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             other = model.embed(args.compare, args.text).float().cpu()
             tensors["compare_embedding"] = other.contiguous()
-    except (CheckpointError, ImageError, ValueError, OSError) as e:
+        output = args.output or Path(f"{Path(args.image).stem}.embedding.safetensors")
+        if not output.parent.is_dir():
+            raise ValueError(f"Cannot save to {output}: the folder {output.parent} does not exist.")
+        metadata = {"model": str(model.load_info.get("name")), "image": str(args.image), "text": args.text or ""}
+        if args.compare:
+            metadata["compare"] = str(args.compare)
+        save_file(tensors, output, metadata=metadata)
+    except (CheckpointError, ImageError, ValueError, OSError, SafetensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output = args.output or Path(f"{Path(args.image).stem}.embedding.safetensors")
-    metadata = {"model": str(model.load_info.get("name")), "image": str(args.image), "text": args.text or ""}
-    if args.compare:
-        metadata["compare"] = str(args.compare)
-    save_file(tensors, output, metadata=metadata)
     print(f"model: {model.load_info.get('name')} ({model.load_info.get('kind')})")
     print(f"embedding: {tuple(embedding.shape)} (num_query_tokens × hidden), saved to {output}")
     if args.compare:

@@ -298,6 +298,11 @@ def test_embed_command_default_output_and_bad_input(checkpoint_dir, tmp_path):
     assert done.returncode == 2 and "no text embeddings" in done.stderr
     done = _run(str(image), "--model", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert done.returncode == 2 and "nowhere" in done.stderr
+    nowhere = str(tmp_path / "no" / "such" / "x.safetensors")
+    done = _run(str(image), "--model", folder, "--output", nowhere, cwd=tmp_path)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    done = _run(str(image), "--model", folder, "--dtype", "int8", cwd=tmp_path)
+    assert done.returncode == 2 and "dtype" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_embed_command_falls_back_to_the_embedded_model(tmp_path):
