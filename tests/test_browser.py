@@ -61,6 +61,28 @@ def _bot_messages(page):
     return page.locator("#chat [data-testid=bot]")
 
 
+def _set_slider(page, elem_id: str, value: int) -> None:
+    """Type ``value`` into a slider's number box, as a person can, and wait until the slider shows it too (the
+    shared state the next event sends). Keyboard presses on the range input proved racy while the accordion
+    opens, so the typing is retried until both agree."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.wait_for(state="visible")
+    check = (
+        f"document.querySelector('#{elem_id} input[type=range]').value == '{value}' && "
+        f"document.querySelector('#{elem_id} input[type=number]').value == '{value}'"
+    )
+    for _ in range(5):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            page.wait_for_function(check, timeout=4_000)
+            return
+        except Exception:  # playwright's TimeoutError: type it again
+            continue
+    page.wait_for_function(check, timeout=4_000)
+
+
 def test_chat_in_the_browser(url, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     example = json.loads((EXAMPLES / "examples.json").read_text())[0]
@@ -104,14 +126,7 @@ def test_chat_in_the_browser(url, browser):
 
     # Change a slider: at most 2 new tokens cuts the description short.
     page.locator("#decoding").get_by_text("Decoding").click()
-    slider = page.locator("#max-new-tokens input[type=range]")
-    slider.wait_for(state="visible")
-    slider.focus()  # the keyboard, as a person would: Home → 1, → → 2
-    slider.press("Home")
-    slider.press("ArrowRight")
-    page.wait_for_function("document.querySelector('#max-new-tokens input[type=range]').value == '2'", timeout=10_000)
-    # the number box shares the slider's state: once it shows 2, the value the next event sends is 2
-    page.wait_for_function("document.querySelector('#max-new-tokens input[type=number]').value == '2'", timeout=10_000)
+    _set_slider(page, "max-new-tokens", 2)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 2", timeout=60_000)
@@ -162,11 +177,7 @@ def test_closing_the_tab_frees_the_model_within_a_second(served, browser, monkey
     page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / example["image"]))
     page.wait_for_selector("#image img", timeout=20_000)
     page.locator("#decoding").get_by_text("Decoding").click()
-    slider = page.locator("#min-new-tokens input[type=range]")
-    slider.wait_for(state="visible")
-    slider.focus()
-    slider.press("End")
-    page.wait_for_function("document.querySelector('#min-new-tokens input[type=number]').value == '64'", timeout=10_000)
+    _set_slider(page, "min-new-tokens", 64)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     started = time.perf_counter()
