@@ -542,17 +542,25 @@ def _qformer_folders(name_or_path: str | Path, revision: str | None) -> tuple[Pa
 
 
 def _blip_diffusion_tokenizer(folder: Path, config, vocab_size: int):
-    """BERT tokenizer with "[DEC]" as BOS, as diffusers builds it: from the folder itself if it holds one,
-    else ``config.tokenizer``, else bert-base-uncased."""
-    has_own = any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
-    source = str(folder) if has_own else getattr(config, "tokenizer", None) or BERT_FALLBACK
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except OSError as e:
+    """BERT tokenizer with "[DEC]" as BOS, as diffusers builds it: from ``config.tokenizer`` (what diffusers
+    reads) — or, where that path is not on this machine, from tokenizer files saved in the folder itself —
+    else from bert-base-uncased."""
+    named = getattr(config, "tokenizer", None)
+    own = str(folder) if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")) else None
+    sources = [s for s in (named, own) if s] or [BERT_FALLBACK]
+    tokenizer, failures = None, []
+    for source in sources:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            break
+        except (OSError, ValueError) as e:  # ValueError: a path from another machine read as a hub id
+            failures.append(f"{source!r} ({type(e).__name__})")
+    if tokenizer is None:
         raise CheckpointUnavailable(
-            f"{folder}: its BERT tokenizer {source!r} cannot be loaded (no connection to the Hugging Face Hub, and "
-            "not in the local cache?). Save one into the folder, or name a local one in config.json's 'tokenizer'."
-        ) from e
+            f"{folder}: its BERT tokenizer cannot be loaded: tried {', '.join(failures)} (no connection to the "
+            "Hugging Face Hub, or a path from another machine?). Save one into the folder, or name a local one "
+            "in config.json's 'tokenizer'."
+        )
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if len(tokenizer) > vocab_size:

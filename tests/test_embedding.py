@@ -240,6 +240,29 @@ def test_compiled_vision_encoder_gives_the_same_embeddings(blip_diffusion, check
     torch.testing.assert_close(compiled.embed(images[0], "What is it?"), eager.embed(images[0], "What is it?"))
 
 
+def test_blip_diffusion_tokenizer_sources(blip_diffusion, tmp_path):
+    """config.json's "tokenizer" first (as diffusers); where that path is not on this machine, tokenizer files in
+    the folder itself; with neither, a clear error (bert-base-uncased cannot be fetched here)."""
+    import shutil
+
+    pipeline, requests, expected = blip_diffusion
+    config = json.loads((pipeline / "qformer" / "config.json").read_text())
+    bert = Path(config["tokenizer"])
+    moved = tmp_path / "qformer"
+    shutil.copytree(pipeline / "qformer", moved)
+    config["tokenizer"] = "/a/path/on/another/machine/bert"
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(blipdemo.CheckpointUnavailable, match="another/machine"):
+        blipdemo.load_qformer(moved, dtype="float32")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bert / name, moved / name)
+    model = blipdemo.load_qformer(moved, dtype="float32")
+    ids = text_ids(model.tokenizer, requests[0]["text"], 64)
+    with torch.no_grad():  # qformer/ alone normalises with the processor's defaults: start from the pipeline's pixels
+        embedding = model.embeddings_from_pixels(expected["pixels.0"][None], ids)[0]
+    torch.testing.assert_close(embedding, expected["embeds.0"], atol=1e-4, rtol=1e-4)
+
+
 def test_blip_diffusion_loading_is_strict(blip_diffusion, tmp_path):
     pipeline, _, _ = blip_diffusion
     source = pipeline / "qformer"
