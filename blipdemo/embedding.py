@@ -133,7 +133,8 @@ class Blip2TextQFormer(_Embedder, nn.Module):
     """The Q-Former of a BLIP-2 image–text checkpoint: image (+ text) → query outputs (Q, D).
 
     Keys equal ``Blip2ForImageTextRetrieval``'s: ``vision_model.*``, ``query_tokens``, ``embeddings.*`` and
-    ``qformer.*``; its matching and contrastive heads are not part of the embedding (the loader names them).
+    ``qformer.*``. Its matching and contrastive heads (``HEADS``) are not part of the embedding: the loader
+    leaves exactly those out and is strict about everything else.
     """
 
     HEADS = ("vision_projection.", "text_projection.", "itm_head.")
