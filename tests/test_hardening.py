@@ -322,3 +322,24 @@ def test_a_client_that_vanishes_frees_the_model_within_a_second(app, files, monk
     assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client died"
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
     served_next(Client(url, verbose=False), files, vlm)
+
+
+def test_a_rest_client_that_hangs_up_frees_the_model_within_a_second(app, files, monkeypatch):
+    """The plain HTTP API (POST /gradio_api/call/ask, then its event stream), closed two seconds in."""
+    vlm, url = app
+    real_forward = _slow_down(vlm, monkeypatch)
+    with open(files["ok-0.png"], "rb") as f:
+        path = httpx.post(url + "gradio_api/upload", files={"files": f}).json()[0]
+    image = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    data = [image, QUESTION, "Beam search", 3, 2000, 2000, 0.9, 1.0, 1.5, 1.0]
+    event = httpx.post(url + "gradio_api/call/ask", json={"data": data}).json()["event_id"]
+    with httpx.stream("GET", url + f"gradio_api/call/ask/{event}", timeout=30):
+        started = time.perf_counter()
+        while not _generating() and time.perf_counter() - started < 60:
+            time.sleep(0.02)
+        time.sleep(2)
+        assert _generating(), "the generation should still be running two seconds in"
+    freed_after = _freed_after()
+    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the hang-up"
+    monkeypatch.setattr(vlm.language_model, "forward", real_forward)
+    served_next(Client(url, verbose=False), files, vlm)
