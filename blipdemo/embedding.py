@@ -58,10 +58,19 @@ class ProjLayer(nn.Module):
 
 
 class _Embedder:
-    """``embed`` for a model with ``image_processor``, ``tokenizer`` and ``embeddings_from_pixels``."""
+    """``embed`` for a model with ``query_tokens``, ``image_processor``, ``tokenizer`` and
+    ``embeddings_from_pixels``."""
 
     image_processor = None
     tokenizer = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query_tokens.dtype
 
     @torch.inference_mode()
     def embed(self, image, text: str | None = None) -> torch.Tensor:
@@ -89,14 +98,6 @@ class BlipDiffusionQFormer(_Embedder, QFormerModel):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.load_info: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query_tokens.dtype
 
     @property
     def text_limit(self) -> int:
@@ -150,14 +151,6 @@ class Blip2TextQFormer(_Embedder, nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.load_info: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query_tokens.dtype
 
     @property
     def text_limit(self) -> int:
