@@ -24,7 +24,7 @@ from blipdemo.embedding import text_ids
 from blipdemo.loading import CheckpointError
 
 HERE = Path(__file__).resolve().parent
-SUBJECTS = ["dog", "red car", "A small CAT sitting", "zebra on a house"]
+SUBJECTS = ["dog", "red car", "A small CAT sitting", "zebra on a house", "toy"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,6 +132,9 @@ def _test_images(folder: Path) -> list[Path]:
         rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),  # noise, not square
         np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)),  # blocks
         np.linspace(0, 255, 90 * 30 * 3).reshape(30, 90, 3).astype(np.uint8),  # a wide gradient
+        # RGBA, opaque: both sides drop the alpha channel. (Where it is not opaque, we composite on white as
+        # everywhere in blipdemo; transformers 4.46's convert_to_rgb, under diffusers, just drops it.)
+        np.concatenate([rng.integers(0, 256, (48, 36, 3), dtype=np.uint8), np.full((48, 36, 1), 255, np.uint8)], -1),
     ]
     paths = []
     for i, array in enumerate(arrays):
