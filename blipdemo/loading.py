@@ -126,24 +126,34 @@ def read_config(folder: Path) -> InstructBlipConfig | Blip2Config:
 
 # --------------------------------------------------------------------------------------------------
 # Our modules
-def read_core_state(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint that is not the LM's."""
+def read_state(files: list[Path], skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint whose name does not start with one of ``skip``."""
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not iteration
-                if not key.startswith(LM_PREFIX):
+                if not key.startswith(skip):  # startswith(()) is False: nothing skipped
                     state[key] = f.get_tensor(key)
     return state
 
 
-def core_keys(files: list[Path]) -> set[str]:
-    """The names of the checkpoint's tensors that are not the LM's (no tensor is read)."""
-    keys: set[str] = set()
+def read_core_state(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint that is not the LM's."""
+    return read_state(files, skip=(LM_PREFIX,))
+
+
+def tensor_names(files: list[Path]) -> set[str]:
+    """The names of all the checkpoint's tensors (no tensor is read)."""
+    names: set[str] = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
-            keys.update(k for k in f.keys() if not k.startswith(LM_PREFIX))  # noqa: SIM118
-    return keys
+            names.update(f.keys())  # noqa: SIM118
+    return names
+
+
+def core_keys(files: list[Path]) -> set[str]:
+    """The names of the checkpoint's tensors that are not the LM's (no tensor is read)."""
+    return {k for k in tensor_names(files) if not k.startswith(LM_PREFIX)}
 
 
 def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], where: str) -> None:
@@ -596,12 +606,7 @@ def _blip_diffusion_processor(config, processor_folder: Path | None, pipeline: d
 def _load_strict(model_class, folder: Path, config, files: list[Path], tokenizer, processor, device, dtype, heads=()):
     """Build ``model_class`` on meta and fill it from every tensor of ``files`` (strict); tensors under the
     ``heads`` prefixes are known parts of the checkpoint that the embedding does not use."""
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                if not key.startswith(heads):  # startswith(()) is False: nothing dropped
-                    state[key] = f.get_tensor(key)
+    state = read_state(files, skip=heads)
     for key in DERIVED_KEYS:
         derived = state.pop(key, None)
         if derived is not None and not torch.equal(derived.reshape(-1), torch.arange(derived.numel())):
@@ -635,14 +640,9 @@ def load_qformer(
     folder, processor_folder, pipeline = _qformer_folders(name_or_path, revision)
     core_device = resolve_device(device)
     dtype = resolve_dtype(dtype, core_device)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json.")
     config = read_config(folder)
     files = weight_files(folder)
-    keys = set()
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            keys.update(f.keys())  # noqa: SIM118
+    keys = tensor_names(files)
     if any(k.startswith("visual_encoder.") for k in keys):
         if not isinstance(config, Blip2Config):
             raise CheckpointError(f"{folder}: a BLIP-Diffusion Q-Former needs a BLIP-2 config.json.")
