@@ -14,12 +14,12 @@ from pathlib import Path
 
 import blipdemo
 from blipdemo.loading import CheckpointUnavailable
+from blipdemo.tiny import EMBEDDED_MODEL
 from blipdemo.ui import CSS, Demo
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 DEFAULT_MODEL = "Salesforce/instructblip-flan-t5-xl"
-EMBEDDED_MODEL = ASSETS / "shapes-instructblip"
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
 
 

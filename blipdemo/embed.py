@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from .images import ImageError
 from .loading import CheckpointError, CheckpointUnavailable, load_qformer
+from .tiny import EMBEDDED_MODEL
 
 DEFAULT_MODEL = "Salesforce/blipdiffusion"
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-instructblip"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
