@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from contextlib import contextmanager
 
 import app as app_module
@@ -24,3 +26,23 @@ def serve(*flags: str):
         yield demo, vlm, f"http://127.0.0.1:{args.port}/"
     finally:
         demo.close()
+
+
+def generating() -> bool:
+    """Whether a generation thread (``vlm.stream``'s worker) is running in this process."""
+    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
+
+
+def wait_for_generation(limit: float = 60) -> None:
+    """Return once a generation thread runs (or after ``limit`` seconds)."""
+    started = time.perf_counter()
+    while not generating() and time.perf_counter() - started < limit:
+        time.sleep(0.02)
+
+
+def freed_after(limit: float = 5) -> float:
+    """Seconds until no generation thread runs (``limit`` if one still does)."""
+    left = time.perf_counter()
+    while generating() and time.perf_counter() - left < limit:
+        time.sleep(0.01)
+    return time.perf_counter() - left

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from served import serve
+from served import freed_after, generating, serve, wait_for_generation
 
 import app as app_module
 
@@ -156,10 +155,6 @@ def test_phone_width_layout(url, browser):
     page.close()
 
 
-def _generating() -> bool:
-    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
-
-
 def test_closing_the_tab_frees_the_model_within_a_second(served, browser, monkeypatch):
     """A person closes the tab two seconds into a long beam search (which streams nothing until it ends)."""
     vlm, address = served
@@ -180,14 +175,9 @@ def test_closing_the_tab_frees_the_model_within_a_second(served, browser, monkey
     _set_slider(page, "min-new-tokens", 64)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
-    started = time.perf_counter()
-    while not _generating() and time.perf_counter() - started < 30:
-        time.sleep(0.02)
+    wait_for_generation(30)
     time.sleep(2)
-    assert _generating(), "the generation should still be running two seconds in"
+    assert generating(), "the generation should still be running two seconds in"
     page.close()
-    left = time.perf_counter()
-    while _generating() and time.perf_counter() - left < 20:
-        time.sleep(0.01)
-    freed_after = time.perf_counter() - left
-    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the tab closed"
+    freed = freed_after(20)
+    assert not generating() and freed < 1.0, f"generation still ran {freed:.2f} s after the tab closed"

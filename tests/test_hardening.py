@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +16,7 @@ import torch
 from gradio_client import Client, handle_file
 from hazards import REFUSED, VALID, build
 from PIL import Image
-from served import serve
+from served import freed_after, generating, serve, wait_for_generation
 
 QUESTION = "What color is the circle?"
 
@@ -139,7 +138,7 @@ def test_out_of_memory_gives_a_message_and_frees(app, client, files, monkeypatch
     with pytest.raises(Exception, match="ran out of memory"):
         ask(client, files["ok-0.png"])
     monkeypatch.setattr(vlm.language_model, "generate", real)
-    assert not any(t.name == "blipdemo-generate" for t in threading.enumerate())
+    assert not generating()
     served_next(client, files, vlm)
 
 
@@ -254,10 +253,6 @@ def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
     assert a.shape != b.shape or np.abs(a.astype(int) - b.astype(int)).max() > 1
 
 
-def _generating() -> bool:
-    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
-
-
 def _slow_down(vlm, monkeypatch):
     real_forward = vlm.language_model.forward
 
@@ -269,13 +264,6 @@ def _slow_down(vlm, monkeypatch):
     return real_forward
 
 
-def _freed_after(limit: float = 5) -> float:
-    left = time.perf_counter()
-    while _generating() and time.perf_counter() - left < limit:
-        time.sleep(0.01)
-    return time.perf_counter() - left
-
-
 def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monkeypatch):
     """Two seconds into a long generation the client cancels its job."""
     vlm, url = app
@@ -285,10 +273,10 @@ def test_a_client_that_cancels_frees_the_model_within_a_second(app, files, monke
         handle_file(str(files["ok-0.png"])), QUESTION, "Nucleus sampling", 1, 2000, 2000, api_name="/stream"
     )
     time.sleep(2)
-    assert _generating(), "the generation should still be running two seconds in"
+    assert generating(), "the generation should still be running two seconds in"
     job.cancel()
-    freed_after = _freed_after()
-    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client left"
+    freed = freed_after()
+    assert not generating() and freed < 1.0, f"generation still ran {freed:.2f} s after the client left"
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
     served_next(Client(url, verbose=False), files, vlm)
 
@@ -310,16 +298,14 @@ def test_a_client_that_vanishes_frees_the_model_within_a_second(app, files, monk
     )
     process = subprocess.Popen([sys.executable, "-c", client_code])
     try:
-        started = time.perf_counter()
-        while not _generating() and time.perf_counter() - started < 60:
-            time.sleep(0.02)
+        wait_for_generation()
         time.sleep(2)
-        assert _generating(), "the generation should still be running two seconds in"
+        assert generating(), "the generation should still be running two seconds in"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    freed_after = _freed_after()
-    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the client died"
+    freed = freed_after()
+    assert not generating() and freed < 1.0, f"generation still ran {freed:.2f} s after the client died"
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
     served_next(Client(url, verbose=False), files, vlm)
 
@@ -334,12 +320,10 @@ def test_a_rest_client_that_hangs_up_frees_the_model_within_a_second(app, files,
     data = [image, QUESTION, "Beam search", 3, 2000, 2000, 0.9, 1.0, 1.5, 1.0]
     event = httpx.post(url + "gradio_api/call/ask", json={"data": data}).json()["event_id"]
     with httpx.stream("GET", url + f"gradio_api/call/ask/{event}", timeout=30):
-        started = time.perf_counter()
-        while not _generating() and time.perf_counter() - started < 60:
-            time.sleep(0.02)
+        wait_for_generation()
         time.sleep(2)
-        assert _generating(), "the generation should still be running two seconds in"
-    freed_after = _freed_after()
-    assert not _generating() and freed_after < 1.0, f"generation still ran {freed_after:.2f} s after the hang-up"
+        assert generating(), "the generation should still be running two seconds in"
+    freed = freed_after()
+    assert not generating() and freed < 1.0, f"generation still ran {freed:.2f} s after the hang-up"
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
     served_next(Client(url, verbose=False), files, vlm)
