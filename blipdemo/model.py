@@ -227,8 +227,14 @@ class VisionLanguageModel(nn.Module):
         # User text is plain text: "<image>", "</s>" or "[SEP]" typed in a question never become control tokens.
         return tokenizer(text, split_special_tokens=True)["input_ids"]
 
-    def prepare(self, image, prompt: str, history: Sequence = (), max_new_tokens: int = 256) -> PreparedInputs:
-        """Validate and encode one request: image tokens (cached), prompt ids that fit every limit."""
+    def prepare(
+        self, image, prompt: str, history: Sequence = (), max_new_tokens: int = 256, *, template: bool = True
+    ) -> PreparedInputs:
+        """Validate and encode one request: image tokens (cached), prompt ids that fit every limit.
+
+        ``template``: BLIP-2 wraps the prompt (stripped) in ``Question: … Answer:``; ``template=False`` sends it
+        exactly as written (no strip, earlier turns as typed). InstructBLIP has no template: no effect there.
+        """
         if self.language_model is None:
             raise ValueError(
                 "This model was loaded without its language model (blipdemo.load_qformer): it embeds, it does "
@@ -236,6 +242,8 @@ class VisionLanguageModel(nn.Module):
             )
         if not isinstance(prompt, str):
             raise ValueError(f"The instruction must be text, got {type(prompt).__name__}.")
+        if not isinstance(template, bool):
+            raise ValueError(f"template must be True or False, got {template!r}.")
         if self.family == "instructblip" and not prompt.strip():
             raise ValueError("The instruction is empty: type a question or an instruction.")
         turns = normalize_history(history)
@@ -256,7 +264,9 @@ class VisionLanguageModel(nn.Module):
                 return len(encoded["q"]) <= q_limit
             return True
 
-        text, _ = fit_history(self.family, prompt.strip(), turns, fits)
+        # A prefix prompt is kept as typed: "a photo of " and "a photo of" tokenize differently, as users intend.
+        as_written = self.family == "blip2" and not template
+        text, _ = fit_history(self.family, prompt if as_written else prompt.strip(), turns, fits, template)
         if not self.is_encoder_decoder:
             max_new_tokens = min(max_new_tokens, lm_limit - num_queries - len(encoded["lm"]))
         return PreparedInputs(
@@ -321,29 +331,41 @@ class VisionLanguageModel(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @torch.inference_mode()
-    def _generate(self, image, prompt: str, history: Sequence, options: dict) -> tuple[PreparedInputs, torch.Tensor]:
+    def _generate(
+        self, image, prompt: str, history: Sequence, options: dict, template: bool = True
+    ) -> tuple[PreparedInputs, torch.Tensor]:
         opts = decoding.validate(options)
-        inputs = self.prepare(image, prompt, history, opts["max_new_tokens"])
+        inputs = self.prepare(image, prompt, history, opts["max_new_tokens"], template=template)
         kwargs = self._generate_kwargs(inputs, opts)
         return inputs, self._new_tokens(self.language_model.generate(**kwargs), kwargs)
 
-    def generate_ids(self, image, prompt: str, *, history: Sequence = (), **options) -> torch.Tensor:
-        """Token ids of the answer (1-D, special tokens included)."""
-        return self._generate(image, prompt, history, options)[1]
+    def generate_ids(
+        self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options
+    ) -> torch.Tensor:
+        """Token ids of the answer (1-D, special tokens included); ``template`` as in ``ask``."""
+        return self._generate(image, prompt, history, options, template)[1]
 
     def explain(
-        self, image, prompt: str, *, history: Sequence = (), answer: str | None = None, **options
+        self,
+        image,
+        prompt: str,
+        *,
+        history: Sequence = (),
+        answer: str | None = None,
+        template: bool = True,
+        **options,
     ) -> Explanation:
         """``ask`` plus attention maps: per generated token and for the whole answer (see ``attention.py``).
 
         With ``answer`` (text the model already gave, e.g. a streamed answer), nothing is generated: the maps
-        are those of the model producing exactly that answer (one teacher-forced pass).
+        are those of the model producing exactly that answer (one teacher-forced pass). ``template`` as in ``ask``.
         """
         if answer is None:
-            inputs, ids = self._generate(image, prompt, history, options)
+            inputs, ids = self._generate(image, prompt, history, options, template)
             return explain_answer(self, inputs, ids, self._decode(ids), inputs.image)
         with torch.inference_mode():
-            inputs = self.prepare(image, prompt, history, decoding.validate(options)["max_new_tokens"])
+            max_new_tokens = decoding.validate(options)["max_new_tokens"]
+            inputs = self.prepare(image, prompt, history, max_new_tokens, template=template)
         text = answer.strip()
         return explain_answer(self, inputs, self._answer_ids(inputs, text), text, inputs.image)
 
@@ -363,9 +385,15 @@ class VisionLanguageModel(nn.Module):
         eos = eos[0] if isinstance(eos, list) else eos
         return torch.tensor(ids + ([eos] if eos is not None else []))
 
-    def ask(self, image, prompt: str, *, history: Sequence = (), **options) -> str:
-        """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns."""
-        return self._decode(self.generate_ids(image, prompt, history=history, **options))
+    def ask(self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options) -> str:
+        """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns.
+
+        ``template``: BLIP-2 wraps each round in its VQA template ``Question: … Answer:`` (the prompt stripped);
+        ``template=False`` sends the prompt exactly as written — a prefix to complete ("a photo of") or a template
+        of the user's own — with earlier turns as typed ("question answer", joined by spaces). InstructBLIP has no
+        template, so the flag changes nothing there.
+        """
+        return self._decode(self.generate_ids(image, prompt, history=history, template=template, **options))
 
     def stream(
         self,
@@ -375,17 +403,18 @@ class VisionLanguageModel(nn.Module):
         history: Sequence = (),
         stop_event: threading.Event | None = None,
         idle_timeout: float | None = None,
+        template: bool = True,
         **options,
     ) -> Iterator[str]:
         """Yield the answer in text increments as it is generated (beam search: the final text once).
 
         Generation runs in a worker thread; closing the iterator (or setting ``stop_event``) stops it. With
         ``idle_timeout``, generation also stops when the reader leaves a piece unread-after for that many seconds
-        (a server whose client vanished without closing the iterator).
+        (a server whose client vanished without closing the iterator). ``template`` as in ``ask``.
         """
         opts = decoding.validate(options)
         with torch.inference_mode():
-            inputs = self.prepare(image, prompt, history, opts["max_new_tokens"])
+            inputs = self.prepare(image, prompt, history, opts["max_new_tokens"], template=template)
         stop = stop_event or threading.Event()
         criterion = _StopOnEvent(stop, idle_timeout)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
