@@ -338,13 +338,17 @@ def _quiet_transformers():
         transformers.logging.set_verbosity(level)
 
 
-def _check_lm_shapes(folder: Path, config) -> None:
-    """Name misshaped LM tensors before transformers would (its own report is silenced above)."""
+def _lm_skeleton(config):
+    """The LM on the meta device: its module names and shapes, no memory."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        skeleton = _lm_class(config).from_config(config.text_config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        return _lm_class(config).from_config(config.text_config)
+
+
+def _check_lm_shapes(folder: Path, config) -> None:
+    """Name misshaped LM tensors before transformers would (its own report is silenced above)."""
+    expected = {k: tuple(v.shape) for k, v in _lm_skeleton(config).state_dict().items()}
     bad = []
     for file in weight_files(folder):
         with safe_open(file, framework="pt") as f:
@@ -360,6 +364,59 @@ def _check_lm_shapes(folder: Path, config) -> None:
         )
 
 
+# Recent bitsandbytes (0.50.2 here; 0.48 has no such path) runs 4-bit layers on a CPU with AVX512-BF16 through a
+# packed kernel: at a layer's first forward in inference (cpu input, eval mode, no grad), ``Linear4bit.forward``
+# calls ``functional._convert_weight_packed_for_cpu(weight, quant_state, block_n=32)``, which needs
+#   ``assert N % block_n == 0, "N must be divisible by block_n"``  (N = out_features, block_n = 32), and
+#   ``absmax.reshape(N, K // blocksize)``  (K = in_features, blocksize 64: NF4's default) — K % 64 == 0, else a
+#   RuntimeError ("shape '[N, 0]' is invalid …"). The input dtype does not matter (the kernel computes in bfloat16).
+# CPUs without AVX512-BF16, older bitsandbytes and CUDA dequantize instead and take any width.
+CPU_4BIT_BLOCK_N = 32  # functional._convert_weight_packed_for_cpu's block_n
+CPU_4BIT_BLOCKSIZE = 64  # Params4bit's default blocksize (transformers' BitsAndBytesConfig sets none)
+
+
+def _bnb_packs_4bit_on_cpu() -> bool:
+    """Whether this bitsandbytes, on this CPU, runs 4-bit layers through its packed kernel (see above)."""
+    import bitsandbytes.functional as bnb_functional
+
+    packs = hasattr(bnb_functional, "_convert_weight_packed_for_cpu")
+    has_avx512bf16 = getattr(bnb_functional, "has_avx512bf16", None)
+    return bool(packs and has_avx512bf16 is not None and has_avx512bf16())
+
+
+def _module_device(name: str, device_map: dict) -> torch.device:
+    """The device a module of the LM is placed on: the entry of ``device_map`` with the longest matching prefix."""
+    matches = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    where = device_map[max(matches, key=len)] if matches else "cpu"
+    return torch.device("cpu") if where == "disk" else _as_torch_device(where)  # disk-offloaded layers run on cpu
+
+
+def cpu_4bit_misfits(config, device_map: dict) -> list[str]:
+    """LM linear layers (names inside the LM) that bitsandbytes' packed CPU 4-bit kernel cannot run.
+
+    A layer is listed when it would be quantized (not among transformers' own modules-not-to-convert), is placed on
+    the CPU, and has ``out_features % 32`` or ``in_features % 64`` — and only where that kernel is in use at all.
+    """
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not _bnb_packs_4bit_on_cpu():
+        return []
+    skeleton = _lm_skeleton(config)
+    already_float = get_keys_to_not_convert(skeleton) + list(skeleton._keep_in_fp32_modules or ())
+    misfits = []
+    for name, module in skeleton.named_modules():
+        if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):  # what transformers replaces
+            continue
+        if not should_convert_module(name, already_float) or _module_device(name, device_map).type != "cpu":
+            continue
+        n_in, n_out = module.weight.shape if isinstance(module, Conv1D) else (module.in_features, module.out_features)
+        if n_out % CPU_4BIT_BLOCK_N or n_in % CPU_4BIT_BLOCKSIZE:
+            misfits.append(name)
+    return misfits
+
+
 def load_language_model(
     folder: Path,
     config,
@@ -370,8 +427,12 @@ def load_language_model(
     load_in_8bit: bool,
     load_in_4bit: bool,
     offload_folder: str | None,
+    keep_float: list[str] | tuple[str, ...] = (),
 ):
-    """The LM through transformers' ``from_pretrained`` on the checkpoint's ``language_model.*`` keys."""
+    """The LM through transformers' ``from_pretrained`` on the checkpoint's ``language_model.*`` keys.
+
+    ``keep_float``: names of LM modules (inside the LM) left in ``dtype`` when quantizing, besides transformers' own.
+    """
     _check_lm_shapes(folder, config)
     kwargs: dict = {
         "config": config.text_config,
@@ -389,6 +450,13 @@ def load_language_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
         )
+        if keep_float:
+            from transformers.quantizers.base import get_keys_to_not_convert
+
+            # llm_int8_skip_modules REPLACES transformers' default modules-not-to-convert (lm_head, tied and
+            # output embeddings): name those again. Its _keep_in_fp32_modules (T5's "wo") are still added by it.
+            defaults = get_keys_to_not_convert(_lm_skeleton(config))
+            kwargs["quantization_config"].llm_int8_skip_modules = sorted({*defaults, *keep_float})
     if offload_folder:
         kwargs["offload_folder"] = offload_folder
     with _quiet_transformers():
@@ -460,15 +528,29 @@ def load(
         log.warning("float16 on CPU is slow and less accurate than bfloat16; consider dtype='bfloat16'.")
 
     vlm = _load_core_model(folder, config, files, core_device, dtype, cache_size)
+    lm_map = _lm_part(plan)
+    # Layers bitsandbytes' CPU 4-bit kernel would fail on at their first forward (mid-answer): keep them in dtype.
+    keep_float = cpu_4bit_misfits(config, lm_map) if load_in_4bit else []
+    if keep_float:
+        log.warning(
+            "4-bit on CPU: bitsandbytes' packed kernel needs a linear layer's output width to be a multiple of %d "
+            "and its input width a multiple of %d; keeping %d layer(s) of the language model in %s instead: %s",
+            CPU_4BIT_BLOCK_N,
+            CPU_4BIT_BLOCKSIZE,
+            len(keep_float),
+            str(dtype).removeprefix("torch."),
+            ", ".join(LM_PREFIX + name for name in keep_float),
+        )
     vlm.language_model = load_language_model(
         folder,
         config,
         core_keys(files),
         dtype=dtype,
-        device_map=_lm_part(plan),
+        device_map=lm_map,
         load_in_8bit=load_in_8bit,
         load_in_4bit=load_in_4bit,
         offload_folder=offload_folder,
+        keep_float=keep_float,
     )
     if compile:
         compile_vision_encoder(vlm)
@@ -477,6 +559,8 @@ def load(
         "folder": str(folder),
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": "8-bit" if load_in_8bit else "4-bit" if load_in_4bit else None,
+        # LM layers kept in ``dtype`` although quantization was asked for (bitsandbytes cannot run them here)
+        "unquantized": [LM_PREFIX + name for name in keep_float],
         "device_map": plan if device_map is not None else None,
         "device": str(core_device),
         "compiled": compile,

@@ -104,8 +104,12 @@ def make_checkpoint(
     cross_attention_frequency: int = 2,
     qkv_bias: bool = True,
     lm_width: int = 48,
+    lm_config: dict | None = None,
 ) -> Path:
-    """Build, randomise and save a tiny checkpoint + processor; returns the folder."""
+    """Build, randomise and save a tiny checkpoint + processor; returns the folder.
+
+    ``lm_config``: LM config fields that replace the defaults (e.g. heads and ``head_dim`` together).
+    """
     path = Path(path)
     torch.manual_seed(seed)
     tok = lm_tokenizer(CORPUS, vocab_size=300, style=lm)
@@ -138,6 +142,8 @@ def make_checkpoint(
         max_position_embeddings=64,
     )
     text = _lm_config(lm, len(tok), tok, lm_width)
+    if lm_config:
+        text = type(text).from_dict({**text.to_dict(), **lm_config})
     if family == "instructblip":
         qformer["vocab_size"] = len(processor.qformer_tokenizer)
         config = InstructBlipConfig(

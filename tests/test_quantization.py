@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from checkpoints import make_checkpoint
+from safetensors import safe_open
 from transformers import (
     BitsAndBytesConfig,
     Blip2ForConditionalGeneration,
@@ -14,6 +18,7 @@ from transformers import (
 )
 
 import blipdemo
+from blipdemo.loading import cpu_4bit_misfits
 
 PROMPT = "What color is the circle?"
 
@@ -31,6 +36,10 @@ def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     assert vlm.vision_model.encoder.layers[0].self_attn.qkv.weight.dtype == torch.bfloat16
     assert vlm.qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.bfloat16
     assert vlm.load_info["quantization"] == f"{bits}-bit"
+    assert vlm.load_info["unquantized"] == []  # every width fits bitsandbytes' kernels: nothing kept in float
+    if bits == 4:
+        kept = [n for n, m in vlm.language_model.named_modules() if type(m) is torch.nn.Linear]
+        assert all(n == "lm_head" or n.endswith(".wo") for n in kept), kept  # transformers' own float modules
     answer = vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)
     assert isinstance(answer, str)
     # Same bitsandbytes kernels as transformers' own quantized reference: the logits must agree closely.
@@ -74,3 +83,122 @@ def test_8bit_lm_memory_smaller(checkpoint_dir):
     full = blipdemo.load(folder, dtype="bfloat16").language_model.get_memory_footprint()
     int8 = blipdemo.load(folder, dtype="bfloat16", load_in_8bit=True).language_model.get_memory_footprint()
     assert int8 < full
+
+
+# bitsandbytes' packed CPU 4-bit kernel (used on AVX512-BF16 CPUs) runs a layer only when out_features % 32 == 0
+# and in_features % 64 == 0, and fails at the layer's first forward otherwise. A 192-wide LLaMA with 8 heads of 24
+# and one key/value head has k_proj / v_proj only 24 wide; everything else (192, 384) fits.
+NARROW_KV = {"num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 24}
+NARROW_KV_LAYERS = [f"language_model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj")]
+packed_cpu_kernel = pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes runs 4-bit through its packed kernel on AVX512-BF16 CPUs"
+)
+
+
+@pytest.fixture(scope="module")
+def narrow_kv(tmp_path_factory):
+    return make_checkpoint(
+        tmp_path_factory.mktemp("narrow-kv"), "instructblip", "llama", lm_width=192, lm_config=NARROW_KV
+    )
+
+
+def _lm_linears(vlm) -> dict[str, torch.nn.Module]:
+    return {
+        f"language_model.{name}": m
+        for name, m in vlm.language_model.named_modules()
+        if isinstance(m, torch.nn.Linear | bnb.nn.Linear4bit)
+    }
+
+
+@packed_cpu_kernel
+def test_4bit_cpu_keeps_the_layers_the_kernel_cannot_run(narrow_kv, images, caplog):
+    folder = narrow_kv
+    proc = InstructBlipProcessor.from_pretrained(folder)
+    inputs = proc(images=images[0], text=PROMPT, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+
+    def reference(skip):
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head", *skip],
+        )
+        model = InstructBlipForConditionalGeneration.from_pretrained(
+            folder, dtype=torch.bfloat16, quantization_config=config
+        )
+        return model.eval()
+
+    # The failure itself, in transformers' own 4-bit model: the first forward through k_proj.
+    with pytest.raises(AssertionError, match="N must be divisible by block_n"), torch.no_grad():
+        reference([])(**inputs)
+
+    with caplog.at_level(logging.WARNING, logger="blipdemo.loading"):
+        vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    assert sorted(vlm.load_info["unquantized"]) == sorted(NARROW_KV_LAYERS)
+    assert all(name in caplog.text for name in NARROW_KV_LAYERS), caplog.text
+    linears = _lm_linears(vlm)
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        for name in NARROW_KV_LAYERS:  # kept: plain float layers holding the checkpoint's own weights
+            assert type(linears[name]) is torch.nn.Linear
+            assert torch.equal(linears[name].weight, f.get_tensor(name + ".weight").to(torch.bfloat16))
+    quantized = [n for n, m in linears.items() if isinstance(m, bnb.nn.Linear4bit)]
+    assert sorted(quantized) == sorted(set(linears) - {*NARROW_KV_LAYERS, "language_model.lm_head"})
+    assert len(quantized) == 2 * 5  # q_proj, o_proj, gate_proj, up_proj, down_proj in both layers
+    assert type(linears["language_model.lm_head"]) is torch.nn.Linear  # transformers' own default, still kept
+
+    answer = vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)  # used to raise the AssertionError
+    assert isinstance(answer, str)
+    # transformers' 4-bit model with the same layers kept in bfloat16 agrees with ours.
+    ref = reference(["self_attn.k_proj", "self_attn.v_proj"])
+    q = vlm.config.num_query_tokens
+    with torch.no_grad():
+        expected = ref(**inputs).logits[0, -1].float()
+        ours = vlm(
+            pixel_values=inputs["pixel_values"],
+            input_ids=inputs["input_ids"][:, q:],
+            qformer_input_ids=inputs["qformer_input_ids"],
+        ).logits[0, -1]
+    corr = torch.corrcoef(torch.stack([expected, ours.float()]))[0, 1].item()
+    assert corr > 0.99, f"ours vs transformers' 4-bit reference with the same layers kept: corr {corr:.4f}"
+
+
+@packed_cpu_kernel
+def test_4bit_cpu_t5_attention_widths(tmp_path_factory, images):
+    # T5 with 4 heads of 10: q/k/v are 40 wide (out) and o reads 40 (in), in the encoder's self-attention and the
+    # decoder's self- and cross-attention; the feed-forward (64 → 128 → 64) fits, and "wo" stays float anyway.
+    folder = make_checkpoint(tmp_path_factory.mktemp("t5-narrow"), "blip2", "t5", lm_width=64, lm_config={"d_kv": 10})
+    vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    attention = [f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)]
+    attention += [
+        f"decoder.block.{i}.layer.{j}.{kind}"
+        for i in range(2)
+        for j, kind in ((0, "SelfAttention"), (1, "EncDecAttention"))
+    ]
+    expected = [f"language_model.{a}.{p}" for a in attention for p in "qkvo"]
+    assert sorted(vlm.load_info["unquantized"]) == sorted(expected)
+    linears = _lm_linears(vlm)
+    assert all(type(linears[name]) is torch.nn.Linear for name in expected)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in linears.values()) == 4 * 2  # wi_0, wi_1 of 4 blocks
+    assert isinstance(vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1), str)
+
+
+def test_4bit_keeps_nothing_where_the_packed_kernel_is_not_used(narrow_kv, images, monkeypatch):
+    # A CPU without AVX512-BF16: bitsandbytes dequantizes and takes any width, so every LM linear is 4-bit.
+    monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: False)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    vlm = blipdemo.load(narrow_kv, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    assert vlm.load_info["unquantized"] == []
+    linears = _lm_linears(vlm)
+    assert all(isinstance(m, bnb.nn.Linear4bit) for n, m in linears.items() if n != "language_model.lm_head")
+    assert isinstance(vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1), str)
+
+
+def test_4bit_misfits_only_on_cpu(narrow_kv):
+    config = blipdemo.loading.read_config(narrow_kv)
+    on_cpu = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    split = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": 0, "model.norm": 0, "lm_head": 0}
+    assert cpu_4bit_misfits(config, {"": 0}) == []
+    assert cpu_4bit_misfits(config, {"": "cuda:1"}) == []
+    if bnb.functional.has_avx512bf16():
+        assert cpu_4bit_misfits(config, split) == on_cpu
