@@ -25,6 +25,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from transformers import (
+    AddedToken,
     AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -568,16 +569,73 @@ def load(
     return vlm
 
 
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")  # "base64-token rank": a tiktoken vocabulary, also *.model
+
+
+def sentencepiece_only(folder: Path) -> Path | None:
+    """The sentencepiece model of a tokenizer folder without ``tokenizer.json`` (older LLaMA / Vicuna and T5 folders,
+    LAVIS conversions: ``tokenizer.model``, ``spiece.model``), or None."""
+    if (folder / "tokenizer.json").is_file():
+        return None
+    for path in sorted(folder.glob("*.model")):
+        with path.open("rb") as f:
+            if not TIKTOKEN_LINE.match(f.readline(200)):
+                return path
+    return None
+
+
+def _sentencepiece_problem() -> tuple[str, str] | None:
+    """Why transformers cannot convert a sentencepiece model here, and the command that fixes it (None: it can).
+
+    transformers 5 reads a ``.model`` file with its ``SentencePieceExtractor``, which needs both packages and
+    sentencepiece's protobuf schema; when that fails it falls back to reading the file as a tiktoken vocabulary, and
+    the error the user sees is about ``tiktoken``.
+    """
+    from transformers import utils
+
+    missing = [name for name in ("sentencepiece", "protobuf") if not getattr(utils, f"is_{name}_available")()]
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed", "sentencepiece protobuf"
+    try:
+        from transformers.convert_slow_tokenizer import import_protobuf
+
+        import_protobuf()  # sentencepiece's model schema: a protobuf older than this sentencepiece's fails here
+    except Exception as e:  # VersionError, ImportError: whatever makes transformers fall back to tiktoken
+        return f"protobuf cannot load sentencepiece's model schema: {type(e).__name__}: {e}", "-U protobuf"
+    return None
+
+
+def load_tokenizer(folder: Path):
+    """``AutoTokenizer`` for a tokenizer folder; a folder that holds only a sentencepiece model needs the sentencepiece
+    and protobuf packages, and their absence is a clear error here rather than transformers' message about tiktoken."""
+    model = sentencepiece_only(folder)
+    problem = _sentencepiece_problem() if model is not None else None
+    if problem:
+        raise CheckpointError(
+            f"{folder}: the tokenizer is a sentencepiece model only ({model.name}, no tokenizer.json), and "
+            f"transformers needs the sentencepiece and protobuf packages to read it ({problem[0]}). Install them: "
+            f"pip install {problem[1]}"
+        )
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def _load_core_model(
     folder: Path, config, files: list[Path], device: torch.device, dtype: torch.dtype, cache_size: int
 ) -> VisionLanguageModel:
     """Tokenizers, image processor and our modules (vision encoder, Q-Former, projection); no LM yet."""
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    tokenizer = load_tokenizer(folder)
+    if not hasattr(tokenizer, "image_token"):
+        # What Blip2Processor / InstructBlipProcessor do, so our ids are the reference's: add the query placeholder
+        # "<image>" as a special token when the tokenizer lacks it (a no-op where tokenizer.json has it; a folder with
+        # only a sentencepiece model may not list it), at the id after the vocabulary (config.image_token_index).
+        tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
     qformer_tokenizer = None
     if isinstance(config, InstructBlipConfig):
         if not (folder / "qformer_tokenizer").is_dir():
             raise CheckpointError(f"{folder} is an InstructBLIP checkpoint without its qformer_tokenizer/ folder.")
-        qformer_tokenizer = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", trust_remote_code=False)
+        qformer_tokenizer = load_tokenizer(folder / "qformer_tokenizer")
     image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
 
     with torch.device("meta"):
@@ -737,7 +795,7 @@ def load_qformer(
     elif "embeddings.word_embeddings.weight" in keys and not any(k.startswith(LM_PREFIX) for k in keys):
         if not isinstance(config, Blip2Config):
             raise CheckpointError(f"{folder}: a BLIP-2 image-text Q-Former needs a BLIP-2 config.json.")
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = load_tokenizer(folder)
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
         heads = Blip2TextQFormer.HEADS
         model = _load_strict(Blip2TextQFormer, folder, config, files, tokenizer, processor, core_device, dtype, heads)

@@ -105,14 +105,16 @@ def make_checkpoint(
     qkv_bias: bool = True,
     lm_width: int = 48,
     lm_config: dict | None = None,
+    tokenizer=None,
 ) -> Path:
     """Build, randomise and save a tiny checkpoint + processor; returns the folder.
 
     ``lm_config``: LM config fields that replace the defaults (e.g. heads and ``head_dim`` together).
+    ``tokenizer``: the LM tokenizer (default: a byte-level BPE trained on CORPUS in the LM family's style).
     """
     path = Path(path)
     torch.manual_seed(seed)
-    tok = lm_tokenizer(CORPUS, vocab_size=300, style=lm)
+    tok = tokenizer if tokenizer is not None else lm_tokenizer(CORPUS, vocab_size=300, style=lm)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
     )
