@@ -365,7 +365,7 @@ def _check_lm_shapes(folder: Path, config) -> None:
         )
 
 
-# Recent bitsandbytes (0.50.2 here; 0.48 has no such path) runs 4-bit layers on a CPU with AVX512-BF16 through a
+# bitsandbytes >= 0.49 (0.50.2 here; 0.48 has no such path) runs 4-bit layers on a CPU with AVX512-BF16 through a
 # packed kernel: at a layer's first forward in inference (cpu input, eval mode, no grad), ``Linear4bit.forward``
 # calls ``functional._convert_weight_packed_for_cpu(weight, quant_state, block_n=32)``, which needs
 #   ``assert N % block_n == 0, "N must be divisible by block_n"``  (N = out_features, block_n = 32), and
