@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def main() -> None:
     command = [str(python), str(ROOT / "tests" / "blipdiffusion_reference.py"), str(work / "out")]
     command += ["--requests", str(work / "requests.json"), "--full-size", "--time", str(args.runs)]
     print("reference: diffusers 0.31 + transformers 4.46, building and timing …", flush=True)
-    subprocess.run(command, check=True)
+    # The reference builds everything it needs locally (an offline BERT vocabulary): it must never fetch anything.
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     reference = json.loads((work / "out" / "timings.json").read_text())
     expected = load_file(work / "out" / "reference.safetensors")
 

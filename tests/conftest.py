@@ -1,12 +1,26 @@
-"""Shared fixtures: small random checkpoints saved by transformers itself, and test images."""
+"""Shared fixtures: small random checkpoints saved by transformers itself, and test images.
+
+The whole session is offline: no test may download a model (on a machine with internet, the app's default
+checkpoint alone is several GB). Tests that load a hub id serve it from a stand-in or expect it to be unreachable.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-from checkpoints import make_checkpoint
-from PIL import Image
+import os
+import sys
+
+# Set before anything imports huggingface_hub (checkpoints → transformers does, below): it reads these once, at
+# import. Subprocesses inherit them; those the tests build also set OFFLINE explicitly, so each says so itself.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+os.environ.update(OFFLINE)
+if "huggingface_hub.constants" in sys.modules:  # imported earlier (a plugin?): its download code reads this flag
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+from PIL import Image  # noqa: E402
 
 COMBOS = [("instructblip", "llama"), ("instructblip", "t5"), ("blip2", "opt"), ("blip2", "t5")]
 

@@ -110,7 +110,10 @@ def test_python_app_py_with_no_network_starts_on_the_embedded_model_and_answers_
 
     root = Path(__file__).resolve().parent.parent
     port = free_port()
-    env = {**os.environ, "BLIPDEMO_PORT": str(port)}
+    # Offline on purpose, with a hub cache that holds no model: the default checkpoint (several GB) is neither
+    # downloaded nor taken from this machine's cache, so the app must fall back to the embedded model.
+    env = {**os.environ, "BLIPDEMO_PORT": str(port), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["HF_HUB_CACHE"] = str(root / ".cache" / "empty-hub-cache")  # git-ignored; nothing can download into it
     env.pop("BLIPDEMO_MODEL", None)
     process = subprocess.Popen(
         [sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

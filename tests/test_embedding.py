@@ -4,6 +4,7 @@ diffusers' own class (run in its own environment, see ``reference_env.py``), and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import reference_env
 import torch
 from checkpoints import make_retrieval_checkpoint
-from conftest import COMBOS
+from conftest import COMBOS, OFFLINE
 from PIL import Image
 from reference import reference
 from safetensors import safe_open
@@ -154,7 +155,8 @@ def blip_diffusion(request, tmp_path_factory):
     command = [str(python), str(HERE / "blipdiffusion_reference.py"), str(folder / "out")]
     command += ["--requests", str(folder / "requests.json"), "--seed", str(request.param)]
     command += ["--cross-attention-frequency", str(request.param)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **OFFLINE}  # the reference builds its BERT tokenizer offline: nothing to fetch
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "out" / "pipeline", requests, load_file(folder / "out" / "reference.safetensors")
 
@@ -288,7 +290,9 @@ def test_blip_diffusion_loading_is_strict(blip_diffusion, tmp_path):
 # The command
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     root = HERE.parent
-    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    # Offline with an empty hub cache: the default model (Salesforce/blipdiffusion) is neither downloaded nor
+    # found in this machine's cache, so a command without --model falls back to the embedded model everywhere.
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", **OFFLINE, "HF_HUB_CACHE": str(cwd / "empty-hub-cache")}
     return subprocess.run(
         [sys.executable, "-m", "blipdemo.embed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
@@ -332,7 +336,7 @@ def test_embed_command_default_output_and_bad_input(checkpoint_dir, tmp_path):
 
 
 def test_embed_command_falls_back_to_the_embedded_model(tmp_path):
-    """No network here: the default BLIP-Diffusion model cannot be fetched, so the embedded model answers."""
+    """Offline, nothing cached: the default BLIP-Diffusion model cannot be had, so the embedded model answers."""
     example = sorted((HERE.parent / "assets" / "examples").glob("*.png"))[0]
     done = _run(str(example), "What color is the circle?", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import OFFLINE
 from gradio_client import Client, handle_file
 from hazards import REFUSED, VALID, build
 from PIL import Image
@@ -296,7 +298,7 @@ def test_a_client_that_vanishes_frees_the_model_within_a_second(app, files, monk
         f"{method!r}, 3, 2000, 2000, api_name='/ask')\n"
         "time.sleep(600)\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", client_code])
+    process = subprocess.Popen([sys.executable, "-c", client_code], env={**os.environ, **OFFLINE})
     try:
         wait_for_generation()
         time.sleep(2)

@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from checkpoints import CORPUS, make_checkpoint
+from conftest import OFFLINE
 from reference import reference, reference_answer
 from transformers import LlamaTokenizer, T5Tokenizer
 
@@ -172,7 +173,8 @@ else:
 @pytest.mark.parametrize("hidden", ["sentencepiece", "google.protobuf"])
 def test_missing_sentencepiece_or_protobuf_is_a_clear_error(folders, hidden):
     folder = folders("instructblip-llama")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(blipdemo.__file__).parent.parent), *sys.path])}
+    path = os.pathsep.join([str(Path(blipdemo.__file__).parent.parent), *sys.path])
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": path}
     run = subprocess.run(
         [sys.executable, "-c", WITHOUT, str(folder), hidden], capture_output=True, text=True, env=env, timeout=300
     )
