@@ -2,7 +2,7 @@
 
     python benchmarks/pointing_game.py [--model assets/shapes-instructblip] [--scenes 300]
 
-For fresh shapes scenes (shared/scenes.md; a seed training never used):
+For fresh shapes scenes (docs/scenes.md; a seed training never used):
 - "Where is the {color} {shape}?": the peak of the whole-answer map must fall inside the named object's box
   enlarged by 15 px;
 - "What color is the {shape}?": the same for the map of the answer's first token (the color word);

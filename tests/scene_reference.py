@@ -1,4 +1,4 @@
-"""An independent shapes-scene renderer and answer key, written straight from shared/scenes.md.
+"""An independent shapes-scene renderer and answer key, written straight from docs/scenes.md.
 
 It shares no code with blipdemo.tiny.scenes and draws differently on purpose: float geometry, numpy
 masks tested at pixel centers (disc by distance, square by slicing, triangle by half-planes) and, when

@@ -1,4 +1,4 @@
-"""blipdemo.tiny.scenes checked against shared/scenes.md and the independent tests/scene_reference.py."""
+"""blipdemo.tiny.scenes checked against docs/scenes.md and the independent tests/scene_reference.py."""
 
 from __future__ import annotations
 

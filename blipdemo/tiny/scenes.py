@@ -1,4 +1,4 @@
-"""Shapes scenes: the training-side renderer and question generator (spec: shared/scenes.md).
+"""Shapes scenes: the training-side renderer and question generator (described in docs/scenes.md).
 
 The tiny model is judged on scenes drawn by renderers it never saw, so this module samples the
 spec's whole range rather than one renderer's habits: every background level, the full ±20 color

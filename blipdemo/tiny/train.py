@@ -1,4 +1,4 @@
-"""Train the embedded tiny InstructBLIP on the shapes scenes (shared/scenes.md) and save it in the HF layout.
+"""Train the embedded tiny InstructBLIP on the shapes scenes (docs/scenes.md) and save it in the HF layout.
 
     python -m blipdemo.tiny.train --out assets/shapes-instructblip
 
