@@ -13,6 +13,7 @@ Notable features:
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -47,11 +48,15 @@ class PreparedInputs:
 
 
 class _StopOnEvent(StoppingCriteria):
-    """Ends ``generate`` when the event is set (a streaming client left, or the user pressed Stop), or when the
-    reader has not come back for the next piece within ``idle_timeout`` seconds (it went away without a word)."""
+    """Ends ``generate`` when ``event`` is set (the reader left), when the caller's ``external`` event is set (the
+    user pressed Stop), or when the reader has not come back for the next piece within ``idle_timeout`` seconds
+    (it went away without a word). Only ``event`` is ever set here: the caller's event stays the caller's."""
 
-    def __init__(self, event: threading.Event, idle_timeout: float | None = None) -> None:
+    def __init__(
+        self, event: threading.Event, idle_timeout: float | None = None, external: threading.Event | None = None
+    ) -> None:
         self.event = event
+        self.external = external
         self.idle_timeout = idle_timeout
         self.suspended_since: float | None = None  # set while the reader holds a piece and has not asked again
 
@@ -59,7 +64,8 @@ class _StopOnEvent(StoppingCriteria):
         since = self.suspended_since
         if self.idle_timeout is not None and since is not None and time.monotonic() - since > self.idle_timeout:
             self.event.set()
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stopped = self.event.is_set() or (self.external is not None and self.external.is_set())
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
 
 
 class VisionLanguageModel(nn.Module):
@@ -403,6 +409,7 @@ class VisionLanguageModel(nn.Module):
         history: Sequence = (),
         stop_event: threading.Event | None = None,
         idle_timeout: float | None = None,
+        heartbeat: float | None = None,
         template: bool = True,
         **options,
     ) -> Iterator[str]:
@@ -410,14 +417,17 @@ class VisionLanguageModel(nn.Module):
 
         Generation runs in a worker thread; closing the iterator (or setting ``stop_event``) stops it. With
         ``idle_timeout``, generation also stops when the reader leaves a piece unread-after for that many seconds
-        (a server whose client vanished without closing the iterator). ``template`` as in ``ask``.
+        (a server whose client vanished without closing the iterator). With ``heartbeat``, an empty increment
+        ``""`` comes whenever nothing new arrived for that many seconds (a beam search sends nothing until its
+        end), so that a reader that can only stop between items (a ZeroGPU worker) can stop at any time.
+        ``template`` as in ``ask``.
         """
         opts = decoding.validate(options)
         with torch.inference_mode():
             inputs = self.prepare(image, prompt, history, opts["max_new_tokens"], template=template)
-        stop = stop_event or threading.Event()
-        criterion = _StopOnEvent(stop, idle_timeout)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()  # set when the reader leaves; ends the generation thread
+        criterion = _StopOnEvent(stop, idle_timeout, external=stop_event)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=heartbeat)
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -439,14 +449,22 @@ class VisionLanguageModel(nn.Module):
         thread.start()
         started = False
         try:
-            for piece in streamer:
-                if not started:
-                    piece = piece.lstrip()
-                    started = bool(piece)
-                if piece:
-                    criterion.suspended_since = time.monotonic()
-                    yield piece
-                    criterion.suspended_since = None
+            while True:
+                try:
+                    piece = next(streamer)
+                except StopIteration:
+                    break
+                except queue.Empty:  # nothing new for `heartbeat` seconds: the heartbeat
+                    piece = ""
+                else:
+                    if not started:
+                        piece = piece.lstrip()
+                        started = bool(piece)
+                    if not piece:
+                        continue
+                criterion.suspended_since = time.monotonic()
+                yield piece
+                criterion.suspended_since = None
         finally:
             stop.set()
             thread.join()
