@@ -54,6 +54,14 @@ INFERNO = np.array(
 _eager_lock = threading.Lock()
 
 
+# The heat is painted only where the map is strong: below FLOOR (a share of the map's peak) the photo shows as it
+# is; above it, opacity rises to PEAK_OPACITY at the peak. The colors run over inferno's bright part only, where
+# dark photos still show them.
+FLOOR = 0.2
+PEAK_OPACITY = 0.75
+COLOR_RANGE = (0.35, 1.0)
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """[0, 1] floats (H, W) → RGB uint8 (H, W, 3) through the inferno colormap."""
     x = np.clip(values, 0.0, 1.0) * (len(INFERNO) - 1)
@@ -61,6 +69,26 @@ def colormap(values: np.ndarray) -> np.ndarray:
     hi = np.minimum(lo + 1, len(INFERNO) - 1)
     frac = (x - lo)[..., None]
     return (INFERNO[lo] * (1 - frac) + INFERNO[hi] * frac).round().astype(np.uint8)
+
+
+def heat_colors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A map scaled to [0, 1] (its peak = 1), (H, W) → (RGB uint8 (H, W, 3), opacity float32 (H, W))."""
+    values = np.clip(values, 0.0, 1.0)
+    low, high = COLOR_RANGE
+    rgb = colormap(low + (high - low) * values)
+    strength = np.clip((values - FLOOR) / (1.0 - FLOOR), 0.0, 1.0)
+    opacity = PEAK_OPACITY * strength * strength * (3 - 2 * strength)  # smoothstep: no hard edge at the floor
+    return rgb, opacity.astype(np.float32)
+
+
+def legend_css(stops: int = 11) -> str:
+    """A CSS ``linear-gradient`` (low → high) with the colors and opacities ``overlay`` paints the map with."""
+    values = np.linspace(0.0, 1.0, stops)
+    rgb, opacity = heat_colors(values)
+    colors = [
+        f"rgba({r}, {g}, {b}, {a:.2f}) {100 * v:.0f}%" for (r, g, b), a, v in zip(rgb, opacity, values, strict=True)
+    ]
+    return f"linear-gradient(to right, {', '.join(colors)})"
 
 
 @dataclass
@@ -73,8 +101,9 @@ class Explanation:
     image_map: np.ndarray  # (grid_h, grid_w), sums to 1
     image: Image.Image = field(repr=False)  # the upright RGB picture the model saw
 
-    def overlay(self, token: int | None = None, alpha: float = 0.6) -> Image.Image:
-        """The map (of ``token``, or of the whole answer) over the image, at the image's own size."""
+    def overlay(self, token: int | None = None) -> Image.Image:
+        """The map (of ``token``, or of the whole answer) over the image, at the image's own size: colored where
+        the map is strong (opacity follows it), the photo untouched where it is weak (``heat_colors``)."""
         if token is None:
             heat = self.image_map
         else:
@@ -84,12 +113,12 @@ class Explanation:
         width, height = self.image.size
         # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
         up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
-        up = up - up.min()
-        up = up / up.max() if up.max() > 0 else up
-        colored = colormap(up).astype(np.float32)
+        peak = up.max()
+        up = np.clip(up, 0.0, None) / peak if peak > 0 else np.zeros_like(up)  # bicubic may undershoot below 0
+        rgb, opacity = heat_colors(up)
         base = np.asarray(self.image, dtype=np.float32)
-        weight = alpha * (0.35 + 0.65 * up[..., None])  # hot regions show more of the colormap
-        return Image.fromarray((base * (1 - weight) + colored * weight).round().astype(np.uint8))
+        weight = opacity[..., None]
+        return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
 
 
 @contextmanager
