@@ -1,46 +1,36 @@
-"""The Gradio app: chat about an image, with streamed answers, a decoding panel and named API endpoints.
+"""The Gradio app: chat about an image, with streamed answers, attention maps, a decoding panel and an API.
 
-The UI calls only the public contract (``vlm.stream`` / ``vlm.ask`` / ``vlm.load_info``). One generation
-runs at a time per model (``concurrency_limit``); the queue is bounded and the REST API goes through it.
+This file is the layout and the event handlers; generation itself goes through ``control.Generations`` (stop
+switches, disconnects, the thread bridge) to ``gpu.answer`` (the one function that runs on the GPU). One
+generation runs at a time per model (``concurrency_limit``); the queue is bounded and the REST API goes through it.
+
+Input is checked in a step of its own before a question is queued (``check``): a bad request shows its message
+alone, as a toast, instead of an "Error" badge painted into the chat and the instruction box (which Gradio puts on
+every output of an event that raises). For the same reason the chat's generating step never raises: a failure
+there gives the turn back and shows its message as a toast.
 """
 
 from __future__ import annotations
 
+import html
 import json
-import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import gradio as gr
-import torch
 
+from . import gpu
+from .attention import Explanation, legend_css
+from .control import Generations
 from .decoding import INSTRUCTBLIP_DEFAULTS, validate
 from .images import ImageError, load_image
 
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
-CONCURRENCY_ID = "model"
-# Gradio pulls the next piece as soon as it has sent one; a piece left unpulled this long means the client is
-# gone (Gradio drops a disconnected event without closing its generator): generation stops. Beam search sends
-# no pieces until the end, so a vanished client is also caught from the queue itself (`_watch_disconnects`).
-READER_TIMEOUT = 0.5
+CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 WHOLE_ANSWER = "Whole answer"
-FAMILY_NAMES = {
-    "instructblip": "InstructBLIP",
-    "blip2": "BLIP-2",
-}  # every event that runs the model shares one concurrency group
-
-try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
-    import spaces
-
-    gpu = spaces.GPU(duration=120)
-except ImportError:  # anywhere else: nothing special
-
-    def gpu(fn):
-        return fn
+FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
+TEMPLATE_LABEL = 'Wrap as "Question: … Answer:" (off: the prompt goes to the model exactly as typed, e.g. "a photo of")'
 
 
 CSS = """
@@ -48,6 +38,8 @@ CSS = """
 #banner {background: var(--color-accent-soft); border-radius: 8px; padding: 6px 12px}
 .compact-row {gap: 6px; flex-wrap: nowrap}
 .compact-row button {padding-left: 4px; padding-right: 4px}
+#legend {display: flex; align-items: center; gap: 8px; font-size: var(--text-sm); color: var(--body-text-color-subdued)}
+#legend .bar {flex: 0 1 180px; height: 10px; border-radius: 5px; border: 1px solid var(--border-color-primary)}
 @media (max-width: 640px) {
   .compact-row {flex-wrap: wrap}
   .compact-row button {min-width: 30% !important; flex: 1 1 30% !important}
@@ -65,9 +57,6 @@ class ImageInput(gr.Image):
         if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
             return super().preprocess(payload)
         return payload.path
-
-
-log = logging.getLogger(__name__)
 
 
 def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
@@ -114,12 +103,12 @@ class Demo:
         self.notice = notice
         self.examples_dir = examples_dir
         self.blocks: gr.Blocks | None = None
-        # session hash → the stop switches of its running generations (a session may run several: API clients)
-        self._stops: dict[str, set[threading.Event]] = {}
+        self.generations = Generations(gpu.register(vlm))
 
     # ----------------------------------------------------------------------------------------------
-    # Model calls
-    def _check(self, image, instruction: str, options: dict):
+    # Checks (in the server process, before anything is queued for the model)
+    def _check(self, image, instruction, options: tuple) -> tuple:
+        """(upright RGB picture, validated decoding options), or a ``gr.Error`` with a message for the user."""
         if image is None:
             raise gr.Error("Upload an image first (or pick an example below).")
         if not isinstance(instruction, str) or not instruction.strip():
@@ -133,106 +122,35 @@ class Demo:
         except (ImageError, ValueError) as e:
             raise gr.Error(str(e)) from e
 
-    @gpu
-    def _stream(self, image, instruction: str, history, opts: dict, stop: threading.Event) -> Iterator[str]:
-        """Accumulated answer text; model errors become messages for the user."""
-        answer = ""
+    async def check(self, image, instruction, *options) -> None:
+        """The chat's first step: a bad request stops here, with its message alone (this step has no outputs)."""
         try:
-            pieces = self.vlm.stream(
-                image, instruction, history=history, stop_event=stop, idle_timeout=READER_TIMEOUT, **opts
-            )
-            for piece in pieces:
-                answer += piece
-                yield answer
-        except (ImageError, ValueError) as e:
-            raise gr.Error(str(e)) from e
-        except torch.OutOfMemoryError as e:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise gr.Error(
-                "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
-            ) from e
+            await anyio.to_thread.run_sync(self._check, image, instruction, options)
+        except gr.Error as e:  # a toast renders HTML, and our messages may quote a file's name
+            raise gr.Error(html.escape(e.message)) from e
 
-    async def _answers(self, image, instruction: str, history, opts: dict, stop: threading.Event):
-        """The growing answer, pulled from ``_stream`` in worker threads so that the event loop stays free.
+    async def check_regenerate(self, image, chat, *options) -> None:
+        """Regenerate's first step: there must be an answer, and the request must still be valid."""
+        turns = _turns(chat)
+        if not turns:
+            raise gr.Error("There is no answer to regenerate yet.")
+        await self.check(image, turns[-1][0], *options)
 
-        When Gradio cancels the event (Stop, a client that cancels or goes away), the cancellation lands at an
-        ``await`` here, and ``finally`` ends the generation thread itself, not just the stream.
-        """
-        iterator = self._stream(image, instruction, history, opts, stop)
-        done = object()
-        try:
-            while (answer := await anyio.to_thread.run_sync(next, iterator, done)) is not done:
-                yield answer
-        finally:
-            stop.set()
-            with anyio.CancelScope(shield=True):
-                # A cancelled await may leave a next() still running in its worker thread; with `stop` set it
-                # returns within a token, and then close() joins the generation thread.
-                while True:
-                    try:
-                        await anyio.to_thread.run_sync(iterator.close)
-                        break
-                    except ValueError:  # "generator already executing"
-                        await anyio.sleep(0.01)
+    def _history(self, chat) -> list[tuple[str, str]]:
+        history = _turns(chat)
+        if self.history_turns is not None:
+            history = history[-self.history_turns :] if self.history_turns else []
+        return history
 
-    @contextmanager
-    def _stop_event(self, request: gr.Request | None) -> Iterator[threading.Event]:
-        """A stop switch for one generation of this session, registered for as long as it runs: the Stop button
-        and the session's disconnect set it."""
-        self._watch_disconnects()
-        key = getattr(request, "session_hash", None) or "default"
-        event = threading.Event()
-        self._stops.setdefault(key, set()).add(event)
-        try:
-            yield event
-        finally:
-            running = self._stops.get(key, set())
-            running.discard(event)
-            if not running:
-                self._stops.pop(key, None)
-
-    def stop_session(self, session_hash: str | None) -> None:
-        """End every generation of this session (the worker threads, not just the streams)."""
-        for event in list(self._stops.get(session_hash or "default", ())):
-            event.set()
-
-    def stop(self, request: gr.Request) -> None:
-        """The Stop button: ends this session's generation."""
-        self.stop_session(getattr(request, "session_hash", None))
-
-    def _watch_disconnects(self) -> None:
-        """Stop a session's generations the moment its client goes away.
-
-        When a client's event stream closes (tab closed, page left, client process killed), Gradio's queue calls
-        ``clean_events(session_hash=...)`` at once, but only marks the job dead: the running handler is not
-        cancelled, and a beam search (which sends nothing until the end) or an ``/ask`` call would run to its
-        end. We hook that call on the queue in use (``demo.queue()`` replaces the queue, so this runs lazily
-        from the handlers). A connection that dies silently (no FIN from the peer) is seen only when Gradio's
-        next heartbeat write fails.
-        """
-        queue = getattr(self.blocks, "_queue", None)
-        clean = getattr(queue, "clean_events", None)
-        if queue is None or getattr(clean, "blipdemo_watch", False):  # not served by a queue, or hooked already
-            return
-        if not callable(clean):  # pragma: no cover - a Gradio without the hook: only streams notice a vanished reader
-            log.warning("This Gradio's queue has no clean_events: a vanished client is noticed only by streams")
-            return
-
-        async def clean_events(*, session_hash: str | None = None, event_id: str | None = None) -> None:
-            if session_hash is not None:
-                self.stop_session(session_hash)
-            await clean(session_hash=session_hash, event_id=event_id)
-
-        clean_events.blipdemo_watch = True
-        queue.clean_events = clean_events
-
+    # ----------------------------------------------------------------------------------------------
+    # The chat
     async def respond(
         self,
         image,
         instruction,
         chat,
         show_maps,
+        template,
         method,
         beams,
         max_new_tokens,
@@ -243,40 +161,40 @@ class Demo:
         length,
         request: gr.Request = None,
     ):
-        """Chat handler: append the turn, stream the answer into it, then (optionally) its attention maps.
+        """Append the turn, stream the answer into it, then (optionally) its attention maps.
 
         The decoding options are spelled out because Gradio hands ``request`` (whose session the Stop button and
-        a disconnect stop) only to a positional parameter.
+        a disconnect stop) only to a positional parameter. Nothing here raises: a failure gives the turn back, as
+        it was typed, and shows its message.
         """
         options = (method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length)
-        pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
         chat = list(chat or [])
-        history = _turns(chat)
-        if self.history_turns is not None:
-            history = history[-self.history_turns :] if self.history_turns else []
-        chat += [{"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
-        unchanged = (gr.skip(), gr.skip(), gr.skip())
-        yield chat, "", *unchanged
-        answer = ""
+        history = self._history(chat)
+        question = {"role": "user", "content": instruction}
+        unchanged = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         try:
-            with self._stop_event(request) as stop:
-                async for answer in self._answers(pil, instruction, history, opts, stop):
-                    chat[-1] = {"role": "assistant", "content": answer}
-                    yield chat, "", *unchanged
-        except gr.Error:
-            yield chat[:-2], instruction, *unchanged  # give the turn back, as it was typed
-            raise
-        if show_maps and answer.strip():
-            explanation = await anyio.to_thread.run_sync(
-                lambda: self.vlm.explain(pil, instruction, history=history, answer=answer)
-            )
-            yield chat, "", explanation, gr.update(value=explanation.overlay(), visible=True), self._words(explanation)
+            pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
+            turn = [*chat, question, {"role": "assistant", "content": ""}]
+            yield turn, "", *unchanged
+            session = getattr(request, "session_hash", None)
+            answers = self.generations.answers(session, image, instruction, history, opts, bool(template), show_maps)
+            async for kind, value in answers:
+                if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
+                    turn = [*chat, question, {"role": "assistant", "content": value}]
+                    yield turn, "", *unchanged
+                else:
+                    explanation = Explanation(image=pil, **value)
+                    panel = (explanation, gr.update(visible=True), explanation.overlay(), self._words(explanation))
+                    yield turn, "", *panel
+        except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
+            gr.Warning(html.escape(e.message), title="Could not answer")
+            yield chat, instruction, *unchanged
 
     @staticmethod
-    def _words(explanation) -> dict:
+    def _words(explanation: Explanation) -> dict:
         """The answer's words as chips: the whole answer first, then each token."""
         chips = [(WHOLE_ANSWER, -1)] + [(t.strip() or "␣", i) for i, t in enumerate(explanation.tokens)]
-        return gr.update(choices=chips, value=-1, visible=True)
+        return gr.update(choices=chips, value=-1)
 
     @staticmethod
     def show_word(explanation, choice):
@@ -288,14 +206,14 @@ class Demo:
     @staticmethod
     def toggle_maps(show: bool, explanation):
         """Turning maps off hides them; turning them on shows the last answer's maps (if any)."""
-        visible = gr.update(visible=bool(show and explanation is not None))
-        return visible, visible
+        return gr.update(visible=bool(show and explanation is not None))
 
     async def regenerate(
         self,
         image,
         chat,
         show_maps,
+        template,
         method,
         beams,
         max_new_tokens,
@@ -308,10 +226,11 @@ class Demo:
     ):
         """Answer the last question again (with the current decoding settings)."""
         turns = _turns(chat)
-        if not turns:
-            raise gr.Error("There is no answer to regenerate yet.")
+        if not turns:  # checked before (check_regenerate); the chat may have changed since
+            return
         options = (method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length)
-        async for update in self.respond(image, turns[-1][0], list(chat)[:-2], show_maps, *options, request=request):
+        earlier = list(chat)[:-2]
+        async for update in self.respond(image, turns[-1][0], earlier, show_maps, template, *options, request=request):
             yield update
 
     @staticmethod
@@ -320,9 +239,15 @@ class Demo:
         chat = list(chat or [])
         turns = _turns(chat)
         if not turns:
-            return chat, ""
+            return chat, gr.skip()
         return chat[:-2], turns[-1][0]
 
+    def stop(self, request: gr.Request) -> None:
+        """The Stop button: ends this session's generations."""
+        self.generations.stop(getattr(request, "session_hash", None))
+
+    # ----------------------------------------------------------------------------------------------
+    # The API
     async def api_ask(
         self,
         image,
@@ -335,6 +260,7 @@ class Demo:
         temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
         repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
         length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
+        template=True,
         request: gr.Request = None,
     ) -> str:
         """/ask: the whole answer at once (parameter names are what API clients see)."""
@@ -350,6 +276,7 @@ class Demo:
             temperature,
             repetition_penalty,
             length_penalty,
+            template,
             request=request,
         ):
             pass
@@ -367,9 +294,11 @@ class Demo:
         temperature=INSTRUCTBLIP_DEFAULTS["temperature"],
         repetition_penalty=INSTRUCTBLIP_DEFAULTS["repetition_penalty"],
         length_penalty=INSTRUCTBLIP_DEFAULTS["length_penalty"],
+        template=True,
         request: gr.Request = None,
     ):
-        """/stream: the answer so far, growing as it is generated."""
+        """/stream: the answer so far, growing as it is generated. ``template`` (BLIP-2): False sends the
+        instruction exactly as written, without "Question: … Answer:"."""
         options = (
             method,
             num_beams,
@@ -380,12 +309,13 @@ class Demo:
             repetition_penalty,
             length_penalty,
         )
-        pil, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
-        with self._stop_event(request) as stop:
-            async for answer in self._answers(pil, instruction, (), opts, stop):
-                yield answer
+        _, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
+        session = getattr(request, "session_hash", None)
+        async for _, answer in self.generations.answers(session, image, instruction, (), opts, bool(template)):
+            yield answer
 
     # ----------------------------------------------------------------------------------------------
+    # The layout
     def header(self) -> str:
         info = self.vlm.load_info
         quant = info.get("quantization") or "no quantization"
@@ -413,6 +343,10 @@ class Demo:
         """The Blocks app; ``concurrency_limit`` generations run at once (1 = one at a time per model)."""
         d = INSTRUCTBLIP_DEFAULTS
         model_event = {"concurrency_limit": concurrency_limit, "concurrency_id": CONCURRENCY_ID}
+        private = {"queue": False, "api_visibility": "private"}
+        # Checks go through the queue: Gradio shows the message of a failed event only for queued events. They
+        # decode the image (bombs are refused from the header), so a few at a time, beside the model's group.
+        checking = {"api_visibility": "private", "concurrency_limit": 4, "concurrency_id": "check"}
         with gr.Blocks(title="blipdemo — chat about an image") as demo:
             gr.Markdown(self.header(), elem_id="header")
             if self.notice:
@@ -431,18 +365,18 @@ class Demo:
                     show_maps = gr.Checkbox(
                         True, label="Show where the model looked (attention maps)", elem_id="show-maps"
                     )
-                    heat = gr.Image(
-                        label="Where the model looked",
-                        interactive=False,
-                        format="png",  # lossless: the map's colors are data
-                        height=300,
-                        visible=False,
-                        elem_id="heatmap",
-                        buttons=["fullscreen"],
-                    )
-                    words = gr.Radio(
-                        [], label="Words of the answer: click one to see its map", visible=False, elem_id="words"
-                    )
+                    with gr.Column(visible=False, elem_id="maps") as maps:
+                        heat = gr.Image(
+                            label="Where the model looked",
+                            interactive=False,
+                            format="png",  # lossless: the map's colors are data
+                            height=300,
+                            elem_id="heatmap",
+                            buttons=["fullscreen"],
+                        )
+                        bar = f"background: {legend_css()}, #8c8c8c"  # over a mid gray, as over a photo
+                        gr.HTML(f'<div id="legend">attention: low<span class="bar" style="{bar}"></span>high</div>')
+                        words = gr.Radio([], label="Words of the answer: click one to see its map", elem_id="words")
                     explanation = gr.State(None)
                 with gr.Column(scale=6, min_width=320):
                     chat = gr.Chatbot(
@@ -459,6 +393,11 @@ class Demo:
                         max_lines=6,
                         autofocus=True,
                         elem_id="instruction",
+                    )
+                    # BLIP-2 was tuned on "Question: … Answer:"; its users also prompt by prefix. InstructBLIP
+                    # has no template, so the switch is shown for BLIP-2 only.
+                    template = gr.Checkbox(
+                        True, label=TEMPLATE_LABEL, visible=self.vlm.family == "blip2", elem_id="template"
                     )
                     with gr.Row(elem_classes="compact-row"):
                         send = gr.Button("Send", variant="primary", scale=2, min_width=70, elem_id="send")
@@ -485,50 +424,53 @@ class Demo:
                         )
             examples = self.examples()
             if examples:
-                gr.Examples(examples, inputs=[image, instruction], label="Examples (made by this project)")
+                gr.Examples(
+                    examples, inputs=[image, instruction], label="Examples (made by this project)", elem_id="examples"
+                )
 
             options = [method, beams, max_new, min_new, top_p, temperature, repetition, length]
             method.change(
                 lambda m: [gr.update(visible=m == BEAM)] * 2 + [gr.update(visible=m == SAMPLE)] * 2,
                 method,
                 [beams, length, top_p, temperature],
-                queue=False,
-                api_visibility="private",
+                **private,
             )
-            reply = [chat, instruction, explanation, heat, words]
-            ask = dict(
-                fn=self.respond,
-                inputs=[image, instruction, chat, show_maps, *options],
-                outputs=reply,
-                api_visibility="undocumented",
-                **model_event,
+            reply = [chat, instruction, explanation, maps, heat, words]
+            answering = []
+            for trigger, api_name in ((send.click, "chat"), (instruction.submit, False)):
+                checked = trigger(self.check, [image, instruction, *options], None, **checking)
+                answering.append(
+                    checked.success(
+                        self.respond,
+                        [image, instruction, chat, show_maps, template, *options],
+                        reply,
+                        api_name=api_name,
+                        api_visibility="undocumented",
+                        **model_event,
+                    )
+                )
+            regen_checked = regen.click(self.check_regenerate, [image, chat, *options], None, **checking)
+            answering.append(
+                regen_checked.success(
+                    self.regenerate,
+                    [image, chat, show_maps, template, *options],
+                    reply,
+                    api_visibility="private",
+                    **model_event,
+                )
             )
-            sent = send.click(api_name="chat", **ask)
-            submitted = instruction.submit(api_name=False, **ask)
-            regenerated = regen.click(
-                self.regenerate, [image, chat, show_maps, *options], reply, api_visibility="private", **model_event
-            )
-            stop.click(
-                self.stop, None, None, cancels=[sent, submitted, regenerated], queue=False, api_visibility="private"
-            )
-            words.select(self.show_word, [explanation, words], heat, queue=False, api_visibility="private")
-            show_maps.change(
-                self.toggle_maps, [show_maps, explanation], [heat, words], queue=False, api_visibility="private"
-            )
-            undo.click(self.undo, chat, [chat, instruction], queue=False, api_visibility="private")
-            reset = lambda: (
-                [],
-                "",
-                None,
-                gr.update(value=None, visible=False),
-                gr.update(choices=[], value=None, visible=False),
-            )
-            clear.click(reset, None, reply, queue=False, api_visibility="private")
-            image.change(reset, None, reply, queue=False, api_visibility="private")  # a new image: a new chat
+            stop.click(self.stop, None, None, cancels=answering, **private)
+            words.select(self.show_word, [explanation, words], heat, **private)
+            show_maps.change(self.toggle_maps, [show_maps, explanation], maps, **private)
+            undo.click(self.undo, chat, [chat, instruction], **private)
+            # A new image starts a new chat, but keeps the instruction: an example fills both at once.
+            new_chat = lambda: ([], None, gr.update(visible=False), None, gr.update(choices=[], value=None))
+            image.change(new_chat, None, [chat, explanation, maps, heat, words], **private)
+            clear.click(lambda: ("", *new_chat()), None, [instruction, chat, explanation, maps, heat, words], **private)
 
-            # Named API endpoints: image and instruction first, every decoding option defaulted. The options
-            # are plain numbers (not the sliders) so that our validator, which names the parameter and its
-            # range, judges what an API caller sends.
+            # Named API endpoints: image and instruction first, every other parameter defaulted. The options are
+            # plain numbers (not the sliders) so that our validator, which names the parameter and its range,
+            # judges what an API caller sends.
             with gr.Group(visible=False):
                 api_image = ImageInput(label="image", type="filepath", image_mode=None, format="png")
                 api_text = gr.Textbox(label="instruction")
@@ -544,10 +486,11 @@ class Demo:
                         "length_penalty",
                     )
                 ]
+                api_template = gr.Checkbox(value=True, label="template")
                 answer = gr.Textbox(label="answer")
                 api_button = gr.Button()
-            api_inputs = [api_image, api_text, *api_options]
+            api_inputs = [api_image, api_text, *api_options, api_template]
             api_button.click(self.api_ask, api_inputs, answer, api_name="ask", **model_event)
             api_button.click(self.api_stream, api_inputs, answer, api_name="stream", **model_event)
-        self.blocks = demo
+        self.blocks = self.generations.blocks = demo
         return demo

@@ -29,6 +29,30 @@ def test_maps_are_probability_maps_and_text_equals_ask(checkpoint_dir, images, f
         assert 0 < len(e.tokens) <= 8
 
 
+def test_overlay_colors_only_where_the_map_is_strong():
+    """One hot patch in an 8×8 map over a 160×160 photo: far from it the photo is untouched, pixel for pixel; on it
+    the colormap's bright end covers most of the photo; the legend is a gradient from the photo to that color."""
+    from blipdemo.attention import PEAK_OPACITY, Explanation, legend_css
+
+    rng = np.random.default_rng(3)
+    photo = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    heat = np.full((8, 8), 1e-4)
+    heat[2, 5] = 1.0  # the patch covering x 100–120, y 40–60
+    heat /= heat.sum()
+    e = Explanation("red", ["red"], heat[None], heat, Image.fromarray(photo))
+    out = np.asarray(e.overlay()).astype(int)
+    far = np.ones((160, 160), bool)
+    far[20:80, 80:140] = False  # the patch and a margin of one patch around it (bicubic spreads that far)
+    assert (out[far] == photo[far]).all(), "the photo must stay as it is where the map is weak"
+    peak = out[50, 110]
+    bright = colormap(np.array([1.0]))[0].astype(int)  # where the colors end
+    expected = np.round(photo[50, 110] * (1 - PEAK_OPACITY) + bright * PEAK_OPACITY)
+    assert np.abs(peak - expected).max() <= 2, (peak, expected)
+    css = legend_css()
+    assert css.startswith("linear-gradient(to right, rgba(") and "0.00) 0%" in css
+    assert f"{PEAK_OPACITY:.2f}) 100%" in css
+
+
 def test_overlay_has_the_image_size_and_orientation(checkpoint_dir):
     vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
     wide = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 90, 3), dtype=np.uint8))

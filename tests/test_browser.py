@@ -1,29 +1,38 @@
-"""The app in a real headless Chromium (Debian's chromium, driven by Python playwright).
+"""The app in a real headless Chromium (Debian's chromium, driven by Python playwright), used as a person uses it.
 
-Upload an image, ask, watch the streamed answer appear, change a slider, clear; screenshots at
-1280×800 and at a phone width are saved under artifacts/ for a person to look at.
+Click an example, press Send without typing, read the streamed answer, click its words; at 1280 px and at a phone's
+390 px. Validation messages show alone (no "Error" badge painted into the chat or the instruction box). Regenerate,
+Undo, a slider, Clear. Screenshots are saved under artifacts/ for a person to look at.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pytest
+from browser import (
+    ARTIFACTS,
+    AVAILABLE,
+    bot_messages,
+    click_example,
+    launch,
+    open_app,
+    read_answer,
+    toasts,
+    visible_error_badges,
+)
 from served import freed_after, generating, serve, wait_for_generation
 
 import app as app_module
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 EXAMPLES = app_module.ASSETS / "examples"
+WIDTHS = {"desktop": (1280, 800), "phone": (390, 844)}
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - .ci/run installs it
+if not AVAILABLE:  # pragma: no cover - .ci/run installs it
     pytest.skip("Debian's chromium is not installed", allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +49,12 @@ def url(served):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+    with launch() as b:
         yield b
-        b.close()
 
 
-def _bot_messages(page):
-    return page.locator("#chat [data-testid=bot]")
+def examples() -> list[dict]:
+    return json.loads((EXAMPLES / "examples.json").read_text())
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:
@@ -82,69 +79,121 @@ def _set_slider(page, elem_id: str, value: int) -> None:
     page.wait_for_function(check, timeout=4_000)
 
 
-def test_chat_in_the_browser(url, browser):
+@pytest.mark.parametrize("size", WIDTHS)
+def test_each_example_answers_with_send_alone(url, browser, size):
+    """Click an example row, press Send (no typing): the right answer, its words as chips, one turn per picture."""
     ARTIFACTS.mkdir(exist_ok=True)
-    example = json.loads((EXAMPLES / "examples.json").read_text())[0]
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    page.goto(url)
-    page.wait_for_selector("#instruction textarea", timeout=60_000)
-    assert "shapes-instructblip" in page.locator("#header").inner_text()
+    page = open_app(browser, url, *WIDTHS[size])
+    for i, example in enumerate(examples()):
+        # Alternate between clicking the example's picture and its question, as people do both.
+        assert click_example(page, i, cell=i % 2) == example["question"], "the example must fill the instruction box"
+        page.locator("#send").click()
+        assert read_answer(page, example["answer"]) == example["answer"], example
+        assert bot_messages(page).count() == 1, "a new picture starts a new chat"
+        page.wait_for_function(
+            "n => document.querySelectorAll('#words label').length == n",
+            arg=1 + len(example["answer"].split()),
+            timeout=30_000,
+        )
+        assert page.locator("#words label").all_inner_texts() == ["Whole answer", *example["answer"].split()]
+        assert page.locator("#instruction textarea").input_value() == ""
+        if i == 0:
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(ARTIFACTS / f"example-{size}.png"), full_page=True)
+    assert not visible_error_badges(page)
+    page.close()
 
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / example["image"]))
-    page.wait_for_selector("#image img", timeout=20_000)
-    page.locator("#instruction textarea").fill(example["question"])
+
+def test_validation_messages_show_alone(url, browser, tmp_path):
+    """No image, no instruction, a file that is no image: each is the message alone, and the app goes on."""
+    page = open_app(browser, url)
+    page.locator("#instruction textarea").fill("What color is the square?")
     page.locator("#send").click()
-    # The answer streams in: its text grows until it is the whole answer.
-    seen = []
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if _bot_messages(page).count():
-            text = _bot_messages(page).last.inner_text().strip()
-            if not seen or text != seen[-1]:
-                seen.append(text)
-            if text == example["answer"]:
-                break
-        time.sleep(0.02)
-    assert seen and seen[-1] == example["answer"], seen
-    assert page.locator("#instruction textarea").input_value() == ""
+    assert any("Upload an image first" in t for t in toasts(page)), toasts(page)
+    assert not visible_error_badges(page)
+    assert page.locator("#instruction textarea").input_value() == "What color is the square?", "nothing is lost"
 
-    # The answer's words appear as chips; clicking one shows that word's map over the image.
+    click_example(page, 2)
+    page.locator("#instruction textarea").fill("   ")
+    page.locator("#send").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('Type a question'))",
+        timeout=10_000,
+    )
+    assert not visible_error_badges(page)
+    assert bot_messages(page).count() == 0, "a refused question leaves no turn in the chat"
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"these bytes are not a picture")
+    page.locator("#image button[aria-label='Remove Image']").first.click()
+    page.locator("#image input[type=file]").set_input_files(str(broken))
+    page.locator("#instruction textarea").fill("What color is the square?")
+    page.wait_for_timeout(500)
+    page.locator("#send").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('not an image we can read'))",
+        timeout=10_000,
+    )
+    assert not visible_error_badges(page)
+    page.screenshot(path=str(ARTIFACTS / "validation-message.png"))
+
+    example = examples()[2]  # and the next question is answered
+    click_example(page, 2)
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
+    page.close()
+
+
+def test_chat_controls_in_the_browser(url, browser):
+    """Word chips and the map, the maps switch, Undo, Regenerate, a decoding slider, Clear."""
+    example = examples()[0]
+    page = open_app(browser, url)
+    click_example(page, 0)
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
+
+    # Clicking a word shows that word's map over the image.
     page.wait_for_selector("#words label", timeout=30_000)
-    chips = page.locator("#words label")
-    assert chips.count() == 1 + len(example["answer"].split()), chips.all_inner_texts()
     heat = page.locator("#heatmap img")
     whole = heat.get_attribute("src")
-    chips.nth(2).click()
+    page.locator("#words label").nth(2).click()
     page.wait_for_function(f"document.querySelector('#heatmap img').src != {whole!r}", timeout=20_000)
+    assert page.locator("#legend").is_visible()
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
-    page.screenshot(path=str(ARTIFACTS / "app-1280-full.png"), full_page=True)
     page.locator("#show-maps input").uncheck()
-    page.wait_for_selector("#heatmap", state="hidden", timeout=10_000)
+    page.wait_for_selector("#maps", state="hidden", timeout=10_000)
     page.locator("#show-maps input").check()
+    page.wait_for_selector("#maps", state="visible", timeout=10_000)
 
-    # Change a slider: at most 2 new tokens cuts the description short.
+    # Undo takes the turn back and puts its question in the box; Regenerate answers it again.
+    page.locator("#undo").click()
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
+    assert page.locator("#instruction textarea").input_value() == example["question"]
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
+    page.locator("#regenerate").click()
+    time.sleep(0.5)
+    assert read_answer(page, example["answer"]) == example["answer"], "beam search gives the same answer again"
+    assert bot_messages(page).count() == 1, "Regenerate replaces the last answer"
+    assert page.locator("#chat [data-testid=user]").all_inner_texts()[-1].strip() == example["question"]
+
+    # A slider: at most 2 new tokens cuts the description short.
     page.locator("#decoding").get_by_text("Decoding").click()
     _set_slider(page, "max-new-tokens", 2)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
-    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 2", timeout=60_000)
-    deadline = time.time() + 30
-    while time.time() < deadline and _bot_messages(page).last.inner_text().strip() == "":
-        time.sleep(0.05)
-    time.sleep(1)
-    short = _bot_messages(page).last.inner_text().strip()
+    short = read_answer(page, turns=2)
     assert short and len(short) < len(example["answer"]) and example["answer"].startswith(short.split()[0])
 
     page.locator("#clear").click()
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
+    assert not page.locator("#maps").is_visible()
     page.close()
 
 
 def test_phone_width_layout(url, browser):
-    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
-    page.goto(url)
-    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    page = open_app(browser, url, *WIDTHS["phone"])
     # Nothing may overflow sideways on a phone.
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
@@ -165,15 +214,10 @@ def test_closing_the_tab_frees_the_model_within_a_second(served, browser, monkey
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(vlm.language_model, "forward", slow_forward)
-    example = json.loads((EXAMPLES / "examples.json").read_text())[0]
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    page.goto(address)
-    page.wait_for_selector("#instruction textarea", timeout=60_000)
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / example["image"]))
-    page.wait_for_selector("#image img", timeout=20_000)
+    page = open_app(browser, address)
+    click_example(page, 0)
     page.locator("#decoding").get_by_text("Decoding").click()
     _set_slider(page, "min-new-tokens", 64)
-    page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     wait_for_generation(30)
     time.sleep(2)

@@ -229,12 +229,12 @@ def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
 
     def chat(name):
         client = Client(url, verbose=False)
-        chat_out, _, heat, _ = client.predict(
-            handle_file(str(files[name])), QUESTION, [], True, *options, api_name="/chat"
-        )
+        # image, instruction, chat, show maps, template, options → chat, instruction, maps panel, heatmap, words
+        outputs = client.predict(handle_file(str(files[name])), QUESTION, [], True, True, *options, api_name="/chat")
+        chat_out, heat = outputs[0], outputs[-2]
         content = chat_out[-1]["content"]  # Gradio returns message content as [{"type": "text", "text": …}]
         text = "".join(part["text"] for part in content) if isinstance(content, list) else content
-        return text, np.asarray(Image.open(heat["value"]))
+        return text, np.asarray(Image.open(heat))
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(["ok-0.png", "ok-1.png"], pool.map(chat, ["ok-0.png", "ok-1.png"]), strict=True))
@@ -319,7 +319,7 @@ def test_a_rest_client_that_hangs_up_frees_the_model_within_a_second(app, files,
     with open(files["ok-0.png"], "rb") as f:
         path = httpx.post(url + "gradio_api/upload", files={"files": f}).json()[0]
     image = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    data = [image, QUESTION, "Beam search", 3, 2000, 2000, 0.9, 1.0, 1.5, 1.0]
+    data = [image, QUESTION, "Beam search", 3, 2000, 2000, 0.9, 1.0, 1.5, 1.0, True]  # every input, template last
     event = httpx.post(url + "gradio_api/call/ask", json={"data": data}).json()["event_id"]
     with httpx.stream("GET", url + f"gradio_api/call/ask/{event}", timeout=30):
         wait_for_generation()
