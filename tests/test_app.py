@@ -140,3 +140,34 @@ def test_python_app_py_with_no_network_starts_on_the_embedded_model_and_answers_
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _component(config: dict, elem_id: str) -> dict:
+    return next(c for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+
+
+def test_blip2_prompts_as_written_through_the_app(checkpoint_dir, images, tmp_path):
+    """On a BLIP-2 model the app shows the template switch, and /ask's `template` reaches the model: False sends the
+    prompt exactly as typed (what the library answers with template=False), the default wraps it."""
+    import blipdemo
+
+    folder = checkpoint_dir("blip2", "opt")
+    path = tmp_path / "noise.png"
+    images[0].save(path)
+    vlm = blipdemo.load(folder, dtype="float32")
+    greedy = {"num_beams": 1, "max_new_tokens": 8, "min_new_tokens": 1, "repetition_penalty": 1.5}
+    with serve("--model", str(folder), "--dtype", "float32") as (_, _, url):
+        client = Client(url, verbose=False)
+        assert _component(client.config, "template")["props"]["visible"] is True
+        for prompt in ("a photo of", "Q: what is it? A:"):
+            as_typed = client.predict(
+                handle_file(str(path)), prompt, "Beam search", 1, 8, template=False, api_name="/ask"
+            )
+            wrapped = client.predict(handle_file(str(path)), prompt, "Beam search", 1, 8, api_name="/ask")
+            assert as_typed == vlm.ask(path, prompt, template=False, **greedy)
+            assert wrapped == vlm.ask(path, prompt, **greedy)
+            assert as_typed != wrapped, "the two prompts differ, so (on this random model) do the answers"
+
+
+def test_instructblip_has_no_template_switch(client):
+    assert _component(client.config, "template")["props"]["visible"] is False
