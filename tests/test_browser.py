@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+import torch
 from browser import (
     ARTIFACTS,
     AVAILABLE,
@@ -255,4 +256,31 @@ def test_the_stop_button_frees_the_model_within_a_second(served, browser, monkey
     page.locator("#send").click()
     assert read_answer(page, example["answer"]) == example["answer"]
     assert not visible_error_badges(page)
+    page.close()
+
+
+def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, browser, monkeypatch):
+    """The model runs out of memory mid-request: the message shows alone, the question is back in the box, the
+    chat holds no half turn, and once memory is back the same click on Send is answered."""
+    vlm, address = served
+    real = vlm.language_model.generate
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(vlm.language_model, "generate", exhausted)
+    example = examples()[2]
+    page = open_app(browser, address)
+    click_example(page, 2)
+    page.locator("#send").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('ran out of memory'))",
+        timeout=20_000,
+    )
+    assert not visible_error_badges(page)
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
+    assert page.locator("#instruction textarea").input_value() == example["question"]
+    monkeypatch.setattr(vlm.language_model, "generate", real)
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
     page.close()
