@@ -39,6 +39,22 @@ def checkpoint_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def loaded(checkpoint_dir):
+    """Factory: (family, lm, dtype="float32") → blipdemo's model of that test checkpoint, on the CPU."""
+    cache: dict = {}
+
+    def get(family: str, lm: str, dtype: str = "float32"):
+        key = (family, lm, dtype)
+        if key not in cache:
+            import blipdemo
+
+            cache[key] = blipdemo.load(checkpoint_dir(family, lm), dtype=dtype, device="cpu")
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def images():
     """A few differently sized random and structured RGB images."""

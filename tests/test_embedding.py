@@ -45,18 +45,6 @@ def _reference_query_outputs(folder, image, text: str | None) -> torch.Tensor:
     return out.qformer_outputs[0][0, : model.config.num_query_tokens]
 
 
-@pytest.fixture(scope="module")
-def loaded(checkpoint_dir):
-    cache: dict = {}
-
-    def get(family, lm):
-        if (family, lm) not in cache:
-            cache[family, lm] = blipdemo.load(checkpoint_dir(family, lm), dtype="float32", device="cpu")
-        return cache[family, lm]
-
-    return get
-
-
 @pytest.mark.parametrize("family,lm", COMBOS)
 def test_embed_matches_transformers_query_outputs(loaded, checkpoint_dir, images, family, lm):
     vlm = loaded(family, lm)

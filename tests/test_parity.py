@@ -7,22 +7,7 @@ import torch
 from conftest import COMBOS
 from reference import reference, reference_answer
 
-import blipdemo
-
 PROMPTS = ["What color is the circle?", "Describe the image in detail.", "how many shapes are there"]
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint_dir):
-    cache: dict = {}
-
-    def get(family, lm, dtype="float32"):
-        key = (family, lm, dtype)
-        if key not in cache:
-            cache[key] = blipdemo.load(checkpoint_dir(family, lm), dtype=dtype, device="cpu")
-        return cache[key]
-
-    return get
 
 
 def _reference_logits(folder, image, prompt, dtype=torch.float32):

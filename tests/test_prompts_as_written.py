@@ -10,23 +10,9 @@ import pytest
 import torch
 from reference import reference
 
-import blipdemo
-
 # A prefix to complete, the same with a trailing space (tokenizes differently), and a template of the user's own.
 AS_WRITTEN = ["a photo of", "a photo of ", "Q: what is it? A:"]
 GREEDY = dict(num_beams=1, do_sample=False, max_new_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint_dir):
-    cache: dict = {}
-
-    def get(family, lm):
-        if (family, lm) not in cache:
-            cache[family, lm] = blipdemo.load(checkpoint_dir(family, lm), dtype="float32", device="cpu")
-        return cache[family, lm]
-
-    return get
 
 
 def _reference_text(folder, image, text: str, **generate_kwargs) -> str:
