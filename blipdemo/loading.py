@@ -212,7 +212,11 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
             raise ValueError(f"dtype must be float32, bfloat16 or float16 (or None), got {dtype!r}")
         return names[str(dtype).lower()]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bfloat16 from Ampere (compute capability 8) on. Not torch.cuda.is_bf16_supported(): it initializes
+        # CUDA (current_device), which a ZeroGPU Space's main process must not do (it has no GPU until a
+        # spaces.GPU call; ZeroGPU answers get_device_capability itself), and it says yes to emulated bfloat16.
+        native = bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu":
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if native else torch.float32

@@ -137,3 +137,20 @@ def test_bad_arguments(checkpoint_dir):
         blipdemo.load(folder, load_in_8bit=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="device_map"):
         blipdemo.load(folder, device_map="everywhere")
+
+
+@pytest.mark.parametrize("capability,expected", [((8, 0), torch.bfloat16), ((7, 5), torch.float16)])
+def test_default_cuda_dtype_never_initializes_cuda(monkeypatch, capability, expected):
+    """On a ZeroGPU Space the main process has no GPU: torch.cuda answers is_available and get_device_capability
+    (patched by the spaces package), and anything that initializes CUDA there fails. The default dtype is chosen
+    from the capability alone: bfloat16 where it is native (Ampere on), float16 before."""
+    from blipdemo.loading import resolve_dtype
+
+    def no_cuda_here(*args, **kwargs):
+        raise AssertionError("CUDA was initialized in the main process")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    for name in ("current_device", "get_device_properties", "init", "_lazy_init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda_here)
+    assert resolve_dtype(None, torch.device("cuda")) == expected
