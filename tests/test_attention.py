@@ -1,6 +1,9 @@
-"""Attention maps: shapes, probability maps, the same text as ask, and a hand-built attention pattern."""
+"""Attention maps: shapes, probability maps, the same text as ask, hand-built attention patterns in the Q-Former
+and (steered) in the LM."""
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 import pytest
@@ -101,6 +104,107 @@ def test_map_peaks_where_the_qformer_was_made_to_look(checkpoint_dir, images):
     for m in e.token_maps:
         assert m.flatten().argmax() == target
         assert m.flatten()[target] > 0.9
+
+
+# In the test above every query reads the same patch, so no weighting of the queries by the LM (which rows, which
+# columns, T5's cross-attention) can move the peak. Here each query reads its own patch and the
+# LM is steered so that each answer token looks at its own query: only a correct LM stage puts each peak right.
+QUERY_PATCH = {0: 5, 1: 10, 2: 3, 3: 14}  # query q reads patch QUERY_PATCH[q] (4 queries, a 4 × 4 grid)
+STEP_QUERY = [2, 0, 3, 1]  # answer token t is produced looking at query STEP_QUERY[t % 4]: neighbours differ
+ANSWER = "red green blue"  # tokenized into ~9 pieces by the test tokenizer, so every query is used twice
+
+
+def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
+    """Set the cross-attention weights so that, on this image and instruction, query q reads patch QUERY_PATCH[q].
+
+    Keys: each patch of QUERY_PATCH gets the code e_q in every head (all other tokens, CLS included, get 0); queries:
+    query q gets scale · e_q. Both are solved by least squares on the very inputs of each layer (layer by layer,
+    since a rigged layer changes what the next one sees), so a query's score is scale/√hs on its patch, 0 elsewhere.
+    """
+    image = inputs.image_embeds[0].double()  # (1 + P, Dv): the keys' input
+    for module in vlm.qformer.cross_attention_modules():
+        seen = []
+        hook = module.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0][0].double()))
+        with torch.inference_mode():
+            vlm.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
+        hook.remove()
+        queries = seen[0]  # (Q, D): what this layer's queries are on the way in
+        width, heads = module.key.out_features, module.num_heads
+        hs = width // heads
+        key_codes = torch.zeros(image.shape[0], width, dtype=torch.float64)
+        query_codes = torch.zeros(queries.shape[0], width, dtype=torch.float64)
+        for q, patch in QUERY_PATCH.items():
+            for h in range(heads):
+                key_codes[1 + patch, h * hs + q] = 1.0
+                query_codes[q, h * hs + q] = scale
+        key_weight = torch.linalg.lstsq(image, key_codes).solution.T  # (width, Dv): image @ W.T = codes
+        query_weight = torch.linalg.lstsq(queries, query_codes).solution.T
+        assert torch.allclose(image @ key_weight.T, key_codes, atol=1e-6), "image tokens not independent"
+        assert torch.allclose(queries @ query_weight.T, query_codes, atol=1e-4), "queries not independent"
+        with torch.no_grad():
+            module.key.weight.copy_(key_weight)
+            module.key.bias.zero_()
+            module.query.weight.copy_(query_weight)
+            module.query.bias.zero_()
+
+
+def _steer_lm(monkeypatch, vlm, first_row: int) -> list:
+    """Replace the LM's eager attention (what the map pass runs) so that the position producing answer token t puts
+    90% of its attention on query STEP_QUERY[t % 4] (and keeps 10% of its own pattern): its output really follows.
+
+    ``first_row``: the position that produces answer token 0 — the layout as the test states it, not as the code
+    under test computes it. Decoder-only LMs: self-attention, rows first_row, first_row + 1, …; T5: the decoder's
+    cross-attention to the encoder (queries first), rows 0, 1, …. Returns the list of steered calls."""
+    lm = vlm.language_model
+    if vlm.is_encoder_decoder:
+        from transformers.models.t5 import modeling_t5 as modeling
+
+        steered = {block.layer[1].EncDecAttention for block in lm.decoder.block}
+    else:
+        modeling = importlib.import_module(type(lm).__module__)
+        steered = {m for m in lm.modules() if type(m).__name__.endswith("Attention")}
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if module not in steered:
+            return out, weights
+        calls.append(module)
+        weights = weights.clone()  # (B, nh, rows, keys)
+        for row in range(first_row, weights.shape[2]):
+            target = torch.zeros(weights.shape[-1], dtype=weights.dtype)
+            target[STEP_QUERY[(row - first_row) % len(STEP_QUERY)]] = 1.0
+            weights[:, :, row] = 0.1 * weights[:, :, row] + 0.9 * target
+        value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # grouped-query heads
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", eager_attention_forward)
+    return calls
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_each_token_map_follows_the_query_its_token_looked_at(checkpoint_dir, images, monkeypatch, family, lm):
+    """Query q reads patch QUERY_PATCH[q]; answer token t is produced looking at query STEP_QUERY[t]: token t's map
+    must peak on QUERY_PATCH[STEP_QUERY[t]]. A wrong row, a wrong query column or T5's self-attention read instead
+    of its cross-attention each move the peaks; a map that ignores the LM (uniform over queries) has none."""
+    vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32")
+    image = images[0]
+    inputs = vlm.prepare(image, PROMPT)
+    _rig_qformer(vlm, inputs)
+    num_queries = vlm.config.num_query_tokens
+    assert num_queries == len(QUERY_PATCH)
+    # Decoder-only: [queries ; prompt ; answer[:-1]], and the last prompt position produces answer token 0.
+    first_row = 0 if vlm.is_encoder_decoder else num_queries + inputs.input_ids.shape[1] - 1
+    calls = _steer_lm(monkeypatch, vlm, first_row)
+    e = vlm.explain(image, PROMPT, answer=ANSWER)
+    assert calls, "the map pass did not run through the steered eager attention"
+    assert "".join(e.tokens).strip() == ANSWER and len(e.tokens) >= 2 * len(STEP_QUERY)
+    # Every visible token is an answer token in order (only the final EOS is hidden): token t is step t.
+    for t, m in enumerate(e.token_maps):
+        expected = QUERY_PATCH[STEP_QUERY[t % len(STEP_QUERY)]]
+        assert m.flatten().argmax() == expected, (t, e.tokens[t], m.flatten().round(3))
+        assert m.flatten()[expected] > 0.8, (t, e.tokens[t], m.flatten().round(3))
 
 
 def test_colormap_is_dark_to_bright():
