@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,9 +184,28 @@ def test_assets_are_served_and_monitoring_is_off(app):
     assert httpx.get(app[1] + "monitoring", timeout=10).status_code in (403, 404)
 
 
-def test_rest_api_goes_through_the_queue(app):
-    response = httpx.post(app[1] + "gradio_api/api/ask", json={"data": [None, QUESTION]}, timeout=10)
-    assert response.status_code >= 400 or "error" in response.text.lower()
+def test_rest_api_goes_through_the_queue(app, files):
+    """A valid request (uploaded image, question, every option) is refused on the direct REST routes that
+    ``api_open=False`` closes (gradio 6.31 routes.py: POST /run/{api_name} and /api/{api_name}), and the very same
+    request through the queue (POST /call/ask, then its event stream) is answered with the library's answer."""
+    vlm, url = app
+    with open(files["ok-0.png"], "rb") as f:
+        path = httpx.post(url + "gradio_api/upload", files={"files": f}, timeout=30).json()[0]
+    image = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    # method, beams, max/min new tokens, top-p, temperature, repetition and length penalty, template
+    data = [image, QUESTION, "Beam search", 1, 6, 1, 0.9, 1.0, 1.5, 1.0, True]
+    expected = vlm.ask(
+        files["ok-0.png"], QUESTION, num_beams=1, max_new_tokens=6, min_new_tokens=1, repetition_penalty=1.5
+    )
+    for route in ("gradio_api/api/ask", "gradio_api/run/ask"):
+        response = httpx.post(url + route, json={"data": data}, timeout=60)
+        assert response.status_code == 404 and "join the queue" in response.text, (route, response.text)
+    event = httpx.post(url + "gradio_api/call/ask", json={"data": data}, timeout=30).json()["event_id"]
+    stream = httpx.get(url + f"gradio_api/call/ask/{event}", timeout=60).text
+    kinds = [line.removeprefix("event: ") for line in stream.splitlines() if line.startswith("event: ")]
+    payloads = [line.removeprefix("data: ") for line in stream.splitlines() if line.startswith("data: ")]
+    assert kinds[-1] == "complete", stream
+    assert json.loads(payloads[-1]) == [expected]
 
 
 def test_thirty_clients_against_a_queue_of_sixteen(app, files):
