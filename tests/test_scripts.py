@@ -1,0 +1,126 @@
+"""Smoke tests: the training, evaluation and benchmark scripts still run, end to end, at tiny settings.
+
+The README's figures come from these scripts; nothing else imports most of them, so without these tests they
+could rot unnoticed until the next measurement. Each runs as the README runs it, in a subprocess (offline),
+at sizes that take seconds, and must exit 0 and print its table (and, where the script checks correctness,
+say that it did). Nothing here checks a timing: at these sizes the numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import reference_env
+from conftest import OFFLINE
+
+import blipdemo
+from blipdemo.attention import AGGREGATIONS
+from blipdemo.tiny import EMBEDDED_MODEL, scenes
+from blipdemo.tiny.evaluate import EVAL_SEED
+
+ROOT = Path(__file__).resolve().parent.parent
+# Per script, a guard against a hang on a busy 2-core CI, not a timing check: each takes 5-30 s there.
+BUDGET = 300
+
+
+def run(*args: str) -> str:
+    """``python *args`` from the repository root, offline; its stdout, once it has exited 0."""
+    done = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **OFFLINE},
+        timeout=BUDGET,
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout
+
+
+def test_train_a_few_steps(tmp_path):
+    out = tmp_path / "model"
+    steps = ["--vit-steps", "3", "--qa-steps", "3", "--eval-every", "1000", "--warmup", "1", "--batch-size", "8"]
+    stdout = run("-m", "blipdemo.tiny.train", "--out", str(out), "--train-scenes", "64", "--eval-scenes", "16", *steps)
+    assert f"saved {out}" in stdout
+    log = json.loads((out / "training_log.json").read_text())
+    assert (log["config"]["vit_steps"], log["config"]["qa_steps"]) == (3, 3)
+    assert [h["step"] for h in log["history"]] == [3]  # the final evaluation
+    assert set(log["history"][0]) == {"step", *scenes.FAMILIES}
+    # What it saved is a checkpoint in the published layout that loads and answers (a wrong answer is fine here).
+    rng = random.Random(0)
+    image = scenes.render(scenes.sample_scene(rng), rng)
+    assert isinstance(blipdemo.load(out, dtype="float32").ask(image, "Describe the image."), str)
+
+
+def test_evaluate_the_shipped_model_writes_its_json(tmp_path):
+    model = tmp_path / "shapes-instructblip"
+    shutil.copytree(EMBEDDED_MODEL, model)  # a copy: the default output goes into the model's folder
+    stdout = run("-m", "blipdemo.tiny.evaluate", str(model), "--per-family", "3")
+    assert "| family | accuracy (3 scenes each) |" in stdout
+    record = json.loads((model / "evaluation.json").read_text())
+    assert (record["seed"], record["per_family"]) == (EVAL_SEED, 3)
+    assert record["command"] == f"python -m blipdemo.tiny.evaluate {model} --per-family 3"
+    datetime.fromisoformat(record["date"])
+    assert list(record["families"]) == list(scenes.FAMILIES)
+    for family, r in record["families"].items():
+        assert r["count"] == 3 and 0 <= r["correct"] <= 3 and r["accuracy"] == r["correct"] / 3
+        assert f"| {family} | {100 * r['accuracy']:.1f}% |" in stdout  # the printed table is the file's
+    assert record["dtype"] in ("bfloat16", "float32") and record["device"] == "cpu"
+
+
+def test_speed_benchmark_eager_and_compiled_in_one_run(tmp_path):
+    stdout = run(
+        "benchmarks/speed.py",
+        *("--tiny", "--new-tokens", "3", "--repeats", "1", "--variants", "eager,compile", "--workdir", str(tmp_path)),
+    )
+    assert stdout.startswith("machine: ") and "AVX512-BF16" in stdout and "matmul peak" in stdout
+    for variant in ("eager", "compile"):
+        assert f"same tokens as transformers ({variant}): checked, all 3 greedy token ids equal" in stdout
+    assert "| measure | blipdemo eager | blipdemo compile | transformers | eager / transformers (time) |" in stdout
+    assert "| decode: time per token |" in stdout
+    assert "| blipdemo alone: A vs B | A | B | A − B | A / B |" in stdout
+    assert "| LM decoder layers: 8-bit (A) vs bfloat16 (B) |" in stdout
+    result = json.loads((tmp_path / "last_result.json").read_text())
+    assert result["variants"] == ["eager", "compile"] and set(result["blipdemo"]) == {"eager", "compile"}
+    assert result["machine"]["matmul_peak_bfloat16"] > 0 and result["machine"]["matmul_peak_float32"] > 0
+
+
+def test_embed_speed_against_diffusers(tmp_path):
+    reference_env.ensure()  # the diffusers 0.31 reference venv (made once; the script would make it too)
+    stdout = run("benchmarks/embed_speed.py", "--tiny", "--runs", "1", "--workdir", str(tmp_path))
+    assert "| dtype | diffusers (s) | blipdemo (s) | ours / reference |" in stdout
+    assert "| float32 |" in stdout and "| bfloat16 |" in stdout
+    assert "decode the PNG file, preprocess, Q-Former" in stdout
+    assert re.search(
+        r"largest difference from diffusers' embedding \(float32\): \S+ \(checked: at most 1e-04\)", stdout
+    )
+
+
+def test_pointing_game(tmp_path):
+    stdout = run("benchmarks/pointing_game.py", "--model", str(EMBEDDED_MODEL), "--scenes", "2")
+    assert "| pointing game (2 fresh scenes, box + 15 px) | hit rate |" in stdout
+    for family in ("where", "color", "describe"):
+        for aggregation in (*AGGREGATIONS, "random patch"):
+            assert re.search(rf"\| {family} / {aggregation} \| \d+\.\d% \|", stdout), (family, aggregation)
+
+
+def test_load_test_with_distinct_requests():
+    stdout = run("benchmarks/load_test.py", "--clients", "5", "--queue-size", "2")
+    assert "| client | image | question sent | expected | outcome | answer | latency |" in stdout
+    for i in range(5):
+        assert f"| {i} | client-{i:02d}.png | " in stdout  # every client's own request, printed
+    summary = re.search(r"\n\| 5 \| 2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", stdout)
+    assert summary, stdout
+    correct, wrong, queue_full, failed = map(int, summary.groups())
+    assert correct + wrong + queue_full == 5 and failed == 0
+    assert re.search(r"correctness: \d+ answers checked against each scene's known answer: .* 0 differ", stdout)
