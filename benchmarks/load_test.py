@@ -67,8 +67,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds each client waits for its answer")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="blipdemo-load-"))
-    requests = requests_for(args.clients, folder, args.seed)
+    with tempfile.TemporaryDirectory(prefix="blipdemo-load-") as folder:
+        requests = requests_for(args.clients, Path(folder), args.seed)
+        run(args, requests)
+
+
+def run(args, requests: list[dict]) -> None:
+    """Serve, load, check and report (the scenes' files exist for the whole call)."""
     # What the app's /ask does with the decoding values these clients send (num_beams=1, the rest defaults).
     decoding = {**INSTRUCTBLIP_DEFAULTS, "num_beams": 1}
 
