@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from reference import reference
+from transformers import TextIteratorStreamer
 
 import blipdemo
 from blipdemo import decoding
@@ -100,16 +101,55 @@ def test_stream_concatenates_to_ask(request, images, which):
     assert isinstance("".join(sampled), str)
 
 
-def test_stream_yields_increments_as_they_are_produced(vlm, images):
-    # min_new_tokens forces a long answer; the first piece must arrive long before the whole is done.
-    start = time.perf_counter()
-    stream = vlm.stream(images[0], PROMPT, max_new_tokens=200, min_new_tokens=200, num_beams=1)
+def _generation_threads(before: set) -> list[threading.Thread]:
+    """The generation threads started since ``before`` (a set of thread objects): by identity, not by name alone,
+    so that a thread left over from an earlier test (same name) can neither stand in for nor hide the one under test."""
+    return [t for t in threading.enumerate() if t not in before and t.name == "blipdemo-generate"]
+
+
+@pytest.fixture
+def gated(vlm, monkeypatch):
+    """(steps, release): once the streamer has handed out text, the LM's next step waits (once, up to 30 s) for
+    ``release``; ``steps`` counts the LM's forward calls. Holding the generation at a known point makes "still
+    running when the first piece arrives" a fact to check rather than a race to win."""
+    handed_out, release = threading.Event(), threading.Event()
+    steps = []
+    real_forward = vlm.language_model.forward
+    real_text = TextIteratorStreamer.on_finalized_text
+
+    def forward(*args, **kwargs):
+        if handed_out.is_set() and not release.wait(timeout=30):
+            release.set()  # the reader never came: give up once, not at every remaining step
+        steps.append(None)
+        return real_forward(*args, **kwargs)
+
+    def on_finalized_text(self, text, stream_end=False):
+        real_text(self, text, stream_end)
+        if text.strip():
+            handed_out.set()
+
+    monkeypatch.setattr(vlm.language_model, "forward", forward)
+    monkeypatch.setattr(TextIteratorStreamer, "on_finalized_text", on_finalized_text)
+    return steps, release
+
+
+def test_stream_yields_increments_as_they_are_produced(vlm, images, gated):
+    """The first piece reaches the reader while the generation is still running, with steps still to come. A stream
+    that yielded only at the end would hand out its first piece after the generation (the gate gives up after 30 s)
+    had ended: its thread would be gone and every step done."""
+    steps, release = gated
+    options = dict(max_new_tokens=40, min_new_tokens=40, num_beams=1)
+    before = set(threading.enumerate())
+    stream = vlm.stream(images[0], PROMPT, **options)
     first = next(stream)
-    t_first = time.perf_counter() - start
+    running = [t for t in _generation_threads(before) if t.is_alive()]
+    steps_at_first = len(steps)
+    release.set()
     rest = list(stream)
-    t_all = time.perf_counter() - start
-    assert first and len(rest) > 3
-    assert t_first < t_all  # ordering only; no timing threshold
+    assert first and len(running) == 1, "the generation must still be running when its first piece arrives"
+    assert steps_at_first < 40 == len(steps), (steps_at_first, len(steps))
+    assert rest, "more pieces must follow the first"
+    assert "".join([first, *rest]).strip() == vlm.ask(images[0], PROMPT, **options)
 
 
 def test_beam_search_stream_yields_final_text_once(vlm, images):
@@ -117,13 +157,20 @@ def test_beam_search_stream_yields_final_text_once(vlm, images):
     assert pieces == [vlm.ask(images[0], PROMPT, max_new_tokens=10, num_beams=3)]
 
 
-def test_closing_a_stream_stops_generation(vlm, images):
-    before = {t.name for t in threading.enumerate()}
+def test_closing_a_stream_stops_generation(vlm, images, gated):
+    """Closing ends the generation early: its thread is gone and far fewer steps ran than the answer's length (the old
+    check could not tell a stopped thread from one that close() had simply waited for)."""
+    steps, release = gated
+    room = vlm.prepare(images[0], PROMPT, max_new_tokens=2000).max_new_tokens  # the LM's limit caps the 2000
+    before = set(threading.enumerate())
     stream = vlm.stream(images[0], PROMPT, max_new_tokens=2000, min_new_tokens=2000, num_beams=1)
     next(stream)
+    ours = _generation_threads(before)
+    assert len(ours) == 1 and ours[0].is_alive(), "the generation is held running after its first piece"
+    release.set()
     stream.close()  # what a disconnecting client does
-    alive = [t for t in threading.enumerate() if t.name == "blipdemo-generate" and t.name not in before]
-    assert not alive, "the generation thread must be finished once the stream is closed"
+    assert not ours[0].is_alive(), "the generation thread must be finished once the stream is closed"
+    assert len(steps) < room / 2, f"{len(steps)} of {room} steps ran: the generation was not stopped"
 
 
 def test_stop_event_stops_generation(vlm, images):
@@ -250,12 +297,22 @@ def test_training_loss_matches_reference_and_gradients_reach_every_stage(checkpo
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-def test_a_reader_that_stops_pulling_ends_generation(vlm, images):
+def test_a_reader_that_stops_pulling_ends_generation(vlm, images, monkeypatch):
+    steps = []
+    real_forward = vlm.language_model.forward
+
+    def forward(*args, **kwargs):  # 20 ms a step: 200 steps take 4 s, twenty times the reader's 0.2 s of grace
+        steps.append(None)
+        time.sleep(0.02)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.language_model, "forward", forward)
+    before = set(threading.enumerate())
     stream = vlm.stream(images[0], PROMPT, max_new_tokens=200, min_new_tokens=200, num_beams=1, idle_timeout=0.2)
     next(stream)  # the reader takes one piece, then never asks again (and never closes the stream)
-    deadline = time.time() + 10
-    while time.time() < deadline and any(t.name == "blipdemo-generate" for t in threading.enumerate()):
-        time.sleep(0.05)
-    assert not any(t.name == "blipdemo-generate" for t in threading.enumerate())
+    (ours,) = _generation_threads(before)
+    ours.join(timeout=10)
+    assert not ours.is_alive(), "the generation must end when its reader stops pulling"
+    assert len(steps) < 100, f"{len(steps)} of 200 steps ran: the generation was not stopped"
     rest = list(stream)  # what was produced before the stop is still readable, then the stream ends
     assert len(rest) < 150

@@ -80,9 +80,15 @@ def test_bad_instructions(app, client, files, text, message):
 
 
 def test_special_tokens_are_plain_text(app, client, files):
+    """Through the app, typed special tokens get the library's answer to the same text, which reads them as plain
+    text (tests/test_generation.py checks the ids: no <image>, EOS or [SEP] among them)."""
+    vlm = app[0]
     for text in ["<image> </s> [SEP] [CLS] <s> <pad> [PAD]", "</s></s></s>"]:
-        assert isinstance(ask(client, files["ok-1.png"], text), str)
-    served_next(client, files, app[0])
+        expected = vlm.ask(
+            files["ok-1.png"], text, num_beams=1, max_new_tokens=6, repetition_penalty=1.5, min_new_tokens=1
+        )
+        assert ask(client, files["ok-1.png"], text) == expected
+    served_next(client, files, vlm)
 
 
 @pytest.mark.parametrize("name,message", REFUSED.items())
@@ -145,15 +151,30 @@ def test_out_of_memory_gives_a_message_and_frees(app, client, files, monkeypatch
     served_next(client, files, vlm)
 
 
-def test_wall_clock_limit(app, client, files):
+def test_wall_clock_limit(app, client, files, monkeypatch):
+    """With a 1 s limit, a long generation ends at 1 s (within one decoding step), cut short, and the client gets
+    exactly the tokens generated until then."""
     vlm = app[0]
-    old, vlm.generation_time_limit = vlm.generation_time_limit, 1.0
-    try:
+    _slow_down(vlm, monkeypatch)  # the LM's room (~240 tokens) at 40 ms a step is ~10 s; unslowed it ends in < 1 s
+    runs = []
+    real_generate = vlm.language_model.generate
+
+    def timed_generate(*args, **kwargs):
         start = time.perf_counter()
-        answer = ask(client, files["ok-1.png"], max_new_tokens=2000, min_new_tokens=2000, method="Nucleus sampling")
-        assert time.perf_counter() - start < 10 and isinstance(answer, str)
-    finally:
-        vlm.generation_time_limit = old
+        out = real_generate(*args, **kwargs)
+        runs.append((time.perf_counter() - start, out[0, kwargs["input_ids"].shape[1] :]))
+        return out
+
+    monkeypatch.setattr(vlm.language_model, "generate", timed_generate)
+    monkeypatch.setattr(vlm, "generation_time_limit", 1.0)
+    room = vlm.prepare(files["ok-1.png"], QUESTION, max_new_tokens=2000).max_new_tokens  # the LM's limit caps 2000
+    answer = ask(client, files["ok-1.png"], max_new_tokens=2000, min_new_tokens=2000, method="Nucleus sampling")
+    ((seconds, new_ids),) = runs
+    assert len(new_ids) < room, "the time limit, not the token limit, must end it"
+    # transformers' MaxTimeCriteria starts its clock inside generate and is checked after every step (~ms here)
+    assert 1.0 <= seconds < 1.5, f"the generation ran {seconds:.2f} s under a 1 s limit"
+    assert answer == vlm.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    monkeypatch.undo()
     served_next(client, files, vlm)
 
 
