@@ -55,7 +55,7 @@ def _devices_of_layers(plan: dict) -> dict[int, object]:
     return layers
 
 
-@pytest.mark.parametrize("mode", ["auto", "sequential", "balanced"])
+@pytest.mark.parametrize("mode", ["auto", "sequential", "balanced", "balanced_low_0"])
 def test_plan_over_three_fake_gpus(mode):
     config = _big_config()
     # LLaMA 8 × 512 in bf16 is ~40 MiB; 3 GPUs of 18 MiB force a split, core (~8 MiB) sits on GPU 0.
@@ -72,6 +72,27 @@ def test_plan_over_three_fake_gpus(mode):
     rank = {0: 0, 1: 1, 2: 2, "cpu": 3, "disk": 4}
     assert [rank[d] for d in order] == sorted(rank[d] for d in order), f"layers must flow forward: {order}"
     assert plan["language_model.model.embed_tokens"] in (0, 1, 2)
+
+
+def test_balanced_low_0_keeps_the_lm_off_gpu_0_when_the_others_hold_it():
+    """balanced_low_0 means (accelerate, transformers): split the LM evenly over GPUs 1…n and put on GPU 0 only what
+    does not fit there, so GPU 0 keeps its memory for generate's work. GPUs 1 and 2 of 40 MiB hold the whole LM
+    (LLaMA 8 × 512 in bf16: 8 layers of 6.3 MB, embeddings and head of 8.2 MB each, ~64 MiB), so GPU 0 gets none
+    of it, only our vision encoder and Q-Former. The same budget under "balanced" does use GPU 0 for the LM: what
+    keeps it off is the mode."""
+    config = _big_config()
+    memory = {0: 40 * MiB, 1: 40 * MiB, 2: 40 * MiB, "cpu": 1 << 30}
+    low = plan_device_map(config, "balanced_low_0", max_memory=memory, dtype=torch.bfloat16)
+    balanced = plan_device_map(config, "balanced", max_memory=memory, dtype=torch.bfloat16)
+    for core in ("vision_model", "qformer", "query_tokens", "language_projection"):
+        assert low[core] == 0, low
+    lm = {name: device for name, device in low.items() if name.startswith("language_model")}
+    assert set(lm.values()) == {1, 2}, f"the LM belongs on GPUs 1 and 2, whole: {lm}"
+    layers = _devices_of_layers(low)
+    assert sorted(layers) == list(range(8))
+    assert [layers[i] for i in range(8)] == sorted(layers.values()), f"layers must flow forward: {layers}"
+    assert lm["language_model.model.embed_tokens"] == layers[0]
+    assert 0 in {device for name, device in balanced.items() if name.startswith("language_model")}, balanced
 
 
 def test_plan_8bit_needs_fewer_devices():
@@ -129,13 +150,15 @@ def test_disk_offloaded_lm_generates_the_same(checkpoint_dir, images, tmp_path):
     assert streamed == plain.ask(images[0], "Describe the image.", max_new_tokens=8, num_beams=1)
 
 
-def test_auto_map_with_small_cpu_budget_offloads_and_answers(checkpoint_dir, images, tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "balanced_low_0"])
+def test_auto_map_with_small_cpu_budget_offloads_and_answers(checkpoint_dir, images, tmp_path, mode):
+    """On a machine with no GPU every mode plans over cpu and disk; each must load and answer as the plain model."""
     folder = checkpoint_dir("blip2", "opt")
     plain = blipdemo.load(folder, dtype="float32", device="cpu")
     vlm = blipdemo.load(
         folder,
         dtype="float32",
-        device_map="auto",
+        device_map=mode,
         max_memory={"cpu": 300_000},
         offload_folder=str(tmp_path / "offload"),
     )
