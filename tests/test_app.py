@@ -85,7 +85,7 @@ def test_stream_endpoint_streams(client, model, image_file):
     assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
 
 
-def test_bad_requests_get_clear_errors_and_the_next_one_is_served(client, image_file):
+def test_bad_requests_get_clear_errors_and_the_next_one_is_served(client, model, image_file):
     with pytest.raises(Exception, match="Type a question"):
         client.predict(handle_file(str(image_file)), "   ", api_name="/ask")
     with pytest.raises(Exception, match="Upload an image"):
@@ -96,7 +96,17 @@ def test_bad_requests_get_clear_errors_and_the_next_one_is_served(client, image_
         client.predict(
             handle_file(str(image_file)), "What?", method="Nucleus sampling", temperature=1e9, api_name="/ask"
         )
-    assert isinstance(client.predict(handle_file(str(image_file)), "What?", "Beam search", 1, 4, api_name="/ask"), str)
+    answer = client.predict(handle_file(str(image_file)), "What?", "Beam search", 1, 4, api_name="/ask")
+    d = INSTRUCTBLIP_DEFAULTS
+    assert answer == model.ask(
+        image_file,
+        "What?",
+        num_beams=1,
+        max_new_tokens=4,
+        min_new_tokens=d["min_new_tokens"],
+        repetition_penalty=d["repetition_penalty"],
+        length_penalty=d["length_penalty"],
+    )
 
 
 def test_python_app_py_with_no_network_starts_on_the_embedded_model_and_answers_the_examples():
