@@ -124,3 +124,14 @@ def test_load_test_with_distinct_requests():
     correct, wrong, queue_full, failed = map(int, summary.groups())
     assert correct + wrong + queue_full == 5 and failed == 0
     assert re.search(r"correctness: \d+ answers checked against each scene's known answer: .* 0 differ", stdout)
+
+
+def test_stop_latency():
+    """Every way of stopping is measured (the browser rows need Debian's chromium; the ZeroGPU rows fork workers)."""
+    from browser import AVAILABLE
+
+    stdout = run("benchmarks/stop_latency.py", "--runs", "1", "--step", "0.05")
+    rows = [line for line in stdout.splitlines() if line.startswith("| ") and " s |" in line]
+    expected = 5 + (2 if AVAILABLE else 0) + 2
+    assert len(rows) == expected, stdout
+    assert any(row.startswith("| ZeroGPU double") for row in rows)
