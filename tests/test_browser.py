@@ -80,6 +80,18 @@ def _set_slider(page, elem_id: str, value: int) -> None:
     page.wait_for_function(check, timeout=4_000)
 
 
+def _wait_for_toast(page, text: str) -> None:
+    """Until a toast on screen says ``text`` (the check runs through the queue: no fixed delay)."""
+    try:
+        page.wait_for_function(
+            "text => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes(text))",
+            arg=text,
+            timeout=20_000,
+        )
+    except Exception as e:  # playwright's TimeoutError: say what was on screen instead
+        raise AssertionError(f"no toast saying {text!r}; toasts on screen: {toasts(page)}") from e
+
+
 @pytest.mark.parametrize("size", WIDTHS)
 def test_each_example_answers_with_send_alone(url, browser, size):
     """Click an example row, press Send (no typing): the right answer, its words as chips, one turn per picture."""
@@ -110,17 +122,14 @@ def test_validation_messages_show_alone(url, browser, tmp_path):
     page = open_app(browser, url)
     page.locator("#instruction textarea").fill("What color is the square?")
     page.locator("#send").click()
-    assert any("Upload an image first" in t for t in toasts(page)), toasts(page)
+    _wait_for_toast(page, "Upload an image first")
     assert not visible_error_badges(page)
     assert page.locator("#instruction textarea").input_value() == "What color is the square?", "nothing is lost"
 
     click_example(page, 2)
     page.locator("#instruction textarea").fill("   ")
     page.locator("#send").click()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('Type a question'))",
-        timeout=10_000,
-    )
+    _wait_for_toast(page, "Type a question")
     assert not visible_error_badges(page)
     assert bot_messages(page).count() == 0, "a refused question leaves no turn in the chat"
 
@@ -131,10 +140,7 @@ def test_validation_messages_show_alone(url, browser, tmp_path):
     page.locator("#instruction textarea").fill("What color is the square?")
     page.wait_for_timeout(500)
     page.locator("#send").click()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('not an image we can read'))",
-        timeout=10_000,
-    )
+    _wait_for_toast(page, "not an image we can read")
     assert not visible_error_badges(page)
     page.screenshot(path=str(ARTIFACTS / "validation-message.png"))
 
@@ -257,10 +263,7 @@ def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, 
     page = open_app(browser, address)
     click_example(page, 2)
     page.locator("#send").click()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('ran out of memory'))",
-        timeout=20_000,
-    )
+    _wait_for_toast(page, "ran out of memory")
     assert not visible_error_badges(page)
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
     assert page.locator("#instruction textarea").input_value() == example["question"]
