@@ -29,7 +29,7 @@ from . import decoding
 from .attention import Explanation, explain_answer
 from .embedding import text_ids
 from .images import load_image
-from .prompts import fit_history, normalize_history
+from .prompts import check_template, fit_history, normalize_history
 from .qformer import QFormerModel
 from .vision import VisionModel
 
@@ -248,8 +248,7 @@ class VisionLanguageModel(nn.Module):
             )
         if not isinstance(prompt, str):
             raise ValueError(f"The instruction must be text, got {type(prompt).__name__}.")
-        if not isinstance(template, bool):
-            raise ValueError(f"template must be True or False, got {template!r}.")
+        check_template(template)
         if self.family == "instructblip" and not prompt.strip():
             raise ValueError("The instruction is empty: type a question or an instruction.")
         turns = normalize_history(history)

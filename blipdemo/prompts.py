@@ -17,6 +17,13 @@ from collections.abc import Callable, Sequence
 Turn = tuple[str, str]  # (user instruction, model answer)
 
 
+def check_template(template) -> bool:
+    """``template`` as given, or a ValueError: only True or False (a string such as "false" is not quietly true)."""
+    if not isinstance(template, bool):
+        raise ValueError(f"template must be True or False, got {template!r}.")
+    return template
+
+
 def format_turn(family: str, question: str, answer: str | None, template: bool = True) -> str:
     """One round in the family's template; ``answer=None`` leaves it open for the model to complete.
 

@@ -24,6 +24,7 @@ from .attention import Explanation, legend_css
 from .control import Generations
 from .decoding import INSTRUCTBLIP_DEFAULTS, validate
 from .images import ImageError, load_image
+from .prompts import check_template
 
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
@@ -107,7 +108,7 @@ class Demo:
 
     # ----------------------------------------------------------------------------------------------
     # Checks (in the server process, before anything is queued for the model)
-    def _check(self, image, instruction, options: tuple) -> tuple:
+    def _check(self, image, instruction, options: tuple, template=True) -> tuple:
         """(upright RGB picture, validated decoding options), or a ``gr.Error`` with a message for the user."""
         if image is None:
             raise gr.Error("Upload an image first (or pick an example below).")
@@ -118,6 +119,7 @@ class Demo:
                 f"The instruction is too long ({len(instruction):,} characters; at most {MAX_INSTRUCTION_CHARS:,})."
             )
         try:
+            check_template(template)
             return load_image(image), decoding_options(*options)
         except (ImageError, ValueError) as e:
             raise gr.Error(str(e)) from e
@@ -177,7 +179,7 @@ class Demo:
             turn = [*chat, question, {"role": "assistant", "content": ""}]
             yield turn, "", *unchanged
             session = getattr(request, "session_hash", None)
-            answers = self.generations.answers(session, image, instruction, history, opts, bool(template), show_maps)
+            answers = self.generations.answers(session, image, instruction, history, opts, template, show_maps)
             async for kind, value in answers:
                 if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
                     turn = [*chat, question, {"role": "assistant", "content": value}]
@@ -309,9 +311,9 @@ class Demo:
             repetition_penalty,
             length_penalty,
         )
-        _, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options)
+        _, opts = await anyio.to_thread.run_sync(self._check, image, instruction, options, template)
         session = getattr(request, "session_hash", None)
-        async for _, answer in self.generations.answers(session, image, instruction, (), opts, bool(template)):
+        async for _, answer in self.generations.answers(session, image, instruction, (), opts, template):
             yield answer
 
     # ----------------------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ def test_upload_over_the_size_limit(app, client, files, tmp_path):
         ({"top_p": 5, "method": "Nucleus sampling"}, "top_p"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"method": "greedy-ish"}, "method"),
+        ({"template": "false"}, "template must be True or False"),  # never quietly true
     ],
 )
 def test_out_of_range_decoding_before_any_model_work(app, client, files, options, name):
