@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blipdemo  # noqa: E402
+from blipdemo.tiny.evaluate import cpu_info  # noqa: E402
 from blipdemo.tiny.tokenizers import lm_tokenizer, wordpiece_tokenizer  # noqa: E402
 
 PROMPTS = [
@@ -138,18 +139,10 @@ def machine(device: str, dtype: torch.dtype, sizes: tuple[int, ...]) -> dict:
     A ratio taken on an AMX machine says little about one without (the README's figures name theirs)."""
     import transformers
 
-    cpu, flags = None, set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu is None:
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+    cpu, flags = cpu_info()
     info = {
         "date": datetime.now().isoformat(timespec="minutes"),
-        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu": cpu,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "amx_bf16": "amx_bf16" in flags,

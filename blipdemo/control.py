@@ -5,7 +5,7 @@
 - ``Generations.answers`` pulls from ``gpu.answer`` (a plain generator, on ZeroGPU a forked worker behind it) in
   worker threads, so the event loop stays free; when Gradio cancels the event, ``finally`` flips the run's switch
   (in this process) and closes the generator (which is what reaches a ZeroGPU worker).
-- A client that vanishes without cancelling is caught from Gradio's queue (``watch``).
+- A client that vanishes without cancelling is caught from Gradio's queue (``_watch``).
 """
 
 from __future__ import annotations

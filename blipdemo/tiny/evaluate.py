@@ -48,11 +48,17 @@ def evaluate(model, per_family: int = 300, seed: int = EVAL_SEED, progress: bool
     return result
 
 
-def cpu_model() -> str:
+def cpu_info() -> tuple[str, set[str]]:
+    """(the processor's name, its feature flags) — from /proc/cpuinfo where there is one (flags: empty elsewhere)."""
+    name, flags = None, set()
     info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.is_file() else []
-    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    for line in info.read_text().splitlines() if info.is_file() else ():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name is None:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name or platform.processor() or platform.machine(), flags
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         # What the answers were computed with: bfloat16 where the CPU runs it natively, else float32.
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
-        "cpu": cpu_model(),
+        "cpu": cpu_info()[0],
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
