@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,16 +29,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
+from served import free_port, generating  # noqa: E402
 
 import app as app_module  # noqa: E402
 
 IMAGE = str(ROOT / "assets" / "examples" / "shapes-14.png")
 QUESTION = "Describe the image."
 LONG = (4, 200, 64)  # num_beams, max_new_tokens, min_new_tokens: at least 64 slowed steps
-
-
-def generating() -> bool:
-    return any(t.name == "blipdemo-generate" for t in threading.enumerate())
 
 
 def wait(condition, limit: float = 60.0) -> float:
@@ -123,8 +119,6 @@ def in_process(url: str, runs: int, browser: bool) -> dict[str, list[float]]:
 
 
 def zerogpu(runs: int, step: float) -> dict[str, list[float]]:
-    from served import free_port
-
     port = free_port()
     command = [sys.executable, str(ROOT / "tests" / "zerogpu_app.py"), "--slow-lm", str(step), "--port", str(port)]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -178,8 +172,6 @@ def main() -> None:
         return forward(*a, **k)
 
     vlm.language_model.forward = slow_forward
-    from served import free_port
-
     flags.port = free_port()
     demo.launch(prevent_thread_lock=True, quiet=True, **app_module.launch_options(flags))
     try:
