@@ -7,6 +7,11 @@ answers come from ``vlm.ask`` with greedy decoding and are compared by the spec'
 prints, the result goes to a JSON file (default: ``evaluation.json`` in the model's folder), so that the README's
 accuracy table can be checked against the repository: per family accuracy, correct and count, with the seed,
 the date, the command, and what the model ran on.
+
+Rows: the six version-1 families, asked alone exactly as before (same questions for the same seed, so their
+numbers compare with the version-1 model's); ``absent`` and ``relation`` alone (relations on scenes with two
+objects or more); ``follow-up`` after the turn it follows, given as history; and ``in a chat``: a random
+single-turn family asked after one or two earlier turns of the same chat, to show that history does not hurt.
 """
 
 from __future__ import annotations
@@ -32,19 +37,43 @@ EVAL_SEED = 20261123  # never used by training (its seeds are small integers)
 DECODING = {"num_beams": 1, "do_sample": False, "max_new_tokens": 32}
 
 
+IN_A_CHAT = "in a chat"  # the row of single-turn questions asked after 1-2 earlier turns
+ROWS = (*scenes.FAMILIES, IN_A_CHAT)
+
+
+def fresh_scene(row: str, rng: random.Random) -> scenes.Scene:
+    """A new scene that has a question of ``row`` (relations need two objects; every scene has some chat)."""
+    while True:
+        scene = scenes.sample_scene(rng)
+        if row == IN_A_CHAT or scenes.can_ask(scene, row):
+            return scene
+
+
+def question_for(scene: scenes.Scene, row: str, rng: random.Random) -> scenes.Dialogue:
+    """The question of one row, with the earlier turns of its chat (none for the single-turn families)."""
+    if row == IN_A_CHAT:
+        family = rng.choice([f for f in scenes.SINGLE_TURN if scenes.can_ask(scene, f)])
+        return scenes.dialogue(scene, family, rng, earlier=rng.randint(1, 2))
+    if row == "follow-up":
+        return scenes.dialogue(scene, row, rng)  # history: the color/shape/where turn it follows
+    # Alone, through ``ask`` as in version 1: the same seed draws the same questions as before.
+    question, answer = scenes.ask(scene, row, rng)
+    return scenes.Dialogue((), question, answer)
+
+
 def evaluate(model, per_family: int = 300, seed: int = EVAL_SEED, progress: bool = True) -> dict[str, dict]:
-    """{family: {"accuracy", "correct", "count"}} over ``per_family`` fresh scenes per family."""
+    """{row: {"accuracy", "correct", "count"}} over ``per_family`` fresh scenes per row (``ROWS``)."""
     rng = random.Random(seed)
     result = {}
-    for family in scenes.FAMILIES:
+    for row in ROWS:
         correct = 0
-        for _ in tqdm(range(per_family), desc=family, disable=not progress, leave=False):
-            scene = scenes.sample_scene(rng)
+        for _ in tqdm(range(per_family), desc=row, disable=not progress, leave=False):
+            scene = fresh_scene(row, rng)
             image = scenes.degrade(scenes.render(scene, rng), rng)
-            question, answer = scenes.ask(scene, family, rng)
-            got = model.ask(image, question, **DECODING)
-            correct += scenes.normalize_answer(got) == scenes.normalize_answer(answer)
-        result[family] = {"accuracy": correct / per_family, "correct": correct, "count": per_family}
+            d = question_for(scene, row, rng)
+            got = model.ask(image, d.question, history=d.history, **DECODING)
+            correct += scenes.normalize_answer(got) == scenes.normalize_answer(d.answer)
+        result[row] = {"accuracy": correct / per_family, "correct": correct, "count": per_family}
     return result
 
 
