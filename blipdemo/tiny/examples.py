@@ -2,35 +2,63 @@
 
     python -m blipdemo.tiny.examples assets/examples
 
-Writes PNGs and ``examples.json`` ([{"image": file, "question": q, "answer": a}]); the answers let
-tests check that the embedded model answers its own examples.
+Writes PNGs and ``examples.json`` ([{"image": file, "question": q, "answer": a}], plus ``"history": [[q, a], ...]``
+for a question that continues a chat: the earlier turns, oldest first); the answers let tests check that the
+embedded model answers its own examples.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
 from . import scenes
 
-# (seed, number of objects, family): a spread of what the embedded model can answer.
-PLAN = [(11, 2, "describe"), (12, 3, "where"), (13, 1, "color"), (14, 3, "count"), (15, 2, "exists"), (16, 3, "shape")]
+# (seed, number of objects, family, form): a spread of what the embedded model can answer. ``form``, when given,
+# is a pattern that the chat's questions, earlier turns first, joined by " / ", must match: the question is drawn
+# again (from the same seeded stream) until it shows what the example is for.
+PLAN = [
+    (11, 2, "describe", None),
+    (12, 3, "where", None),
+    (13, 1, "color", None),
+    (14, 3, "count", None),
+    (15, 2, "exists", None),
+    (16, 3, "shape", None),
+    # Version 2: something that is not there, a relation, and a follow-up whose answer the first turn does not give.
+    (17, 2, "absent", r"Where is the .*"),
+    (18, 3, "relation", r"Which is higher, .*"),
+    (19, 2, "follow-up", r"What (color|shape) is the .* / Where is it\?"),
+]
+MAX_DRAWS = 100  # questions drawn for one example before its seed is declared unfit for its form
+
+
+def pick_question(scene: scenes.Scene, family: str, form: str | None, rng: random.Random) -> scenes.Dialogue:
+    """The first question of ``family`` (canonical wording) whose chat matches ``form``; any when ``form`` is None."""
+    for _ in range(MAX_DRAWS):
+        d = scenes.dialogue(scene, family, rng, variant=False)
+        if form is None or re.fullmatch(form, " / ".join([*(q for q, _ in d.history), d.question])):
+            return d
+    raise ValueError(f"no {family} question of the form {form!r} for this scene: pick another seed")
 
 
 def write_examples(folder: Path) -> list[dict]:
     """Render the example scenes into ``folder`` and return the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for seed, n, family in PLAN:
+    for seed, n, family, form in PLAN:
         rng = random.Random(seed)
         scene = scenes.sample_scene(rng, n_objects=n)
         image = scenes.render(scene, rng, antialias=True)
-        question, answer = scenes.ask(scene, family, rng, variant=False)
+        d = pick_question(scene, family, form, rng)
         name = f"shapes-{seed}.png"
         image.save(folder / name, optimize=True)
-        manifest.append({"image": name, "question": question, "answer": answer})
+        entry = {"image": name, "question": d.question, "answer": d.answer}
+        if d.history:
+            entry["history"] = [list(turn) for turn in d.history]
+        manifest.append(entry)
     (folder / "examples.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
