@@ -110,7 +110,7 @@ def test_embed_speed_against_diffusers(tmp_path):
 def test_pointing_game(tmp_path):
     stdout = run("benchmarks/pointing_game.py", "--model", str(EMBEDDED_MODEL), "--scenes", "2")
     assert "| pointing game (2 fresh scenes, box + 15 px) | hit rate |" in stdout
-    for family in ("where", "color", "describe"):
+    for family in ("where", "color", "describe", "relation"):
         for aggregation in (*AGGREGATIONS, "random patch"):
             assert re.search(rf"\| {family} / {aggregation} \| \d+\.\d% \|", stdout), (family, aggregation)
 
