@@ -5,6 +5,11 @@ spec's whole range rather than one renderer's habits: every background level, th
 jitter, every box size and center offset, anti-aliased and hard-edged drawing (with sub-pixel
 placement when anti-aliased), PNG/JPEG round trips and images delivered at other sizes.
 Questions come in the spec's exact wording, with case and final punctuation varied sometimes.
+
+Version 2 adds questions about what the scene lacks (``absent``), comparisons of grid positions
+(``relation``) and second turns that refer back to the object of the first (``follow-up``). A question may
+come with earlier turns of the same chat (``dialogue``), which the model sees through
+``blipdemo.prompts`` exactly as the app builds them.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ CELLS: tuple[str, ...] = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
-FAMILIES = ("color", "shape", "count", "where", "exists", "describe")
+V1_FAMILIES = ("color", "shape", "count", "where", "exists", "describe")
+FAMILIES = (*V1_FAMILIES, "absent", "relation", "follow-up")
+SINGLE_TURN = FAMILIES[:-1]  # every family but follow-up can be asked as a chat's first question
 
 BACKGROUND_RANGE = (60, 190)  # gray level, inclusive
 COLOR_JITTER = 20  # max deviation per channel from the nominal color
@@ -223,21 +230,68 @@ def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
 
 
+def _absent(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A color/shape/where question about something the scene lacks, and its 'there is no …' answer."""
+    kinds = ["shape", "where"]  # an unused color always exists (6 colors, at most 3 objects)
+    missing_shapes = [s for s in SHAPES if s not in {o.shape for o in scene.objects}]
+    if missing_shapes:
+        kinds.append("color")
+    kind = rng.choice(kinds)
+    if kind == "color":
+        shape = rng.choice(missing_shapes)
+        return f"What color is the {shape}?", f"there is no {shape}"
+    if kind == "shape":
+        color = rng.choice([c for c in COLORS if c not in {o.color for o in scene.objects}])
+        return f"What shape is the {color} object?", f"there is no {color} object"
+    color, shape = _absent_pair(scene, rng)
+    return f"Where is the {color} {shape}?", f"there is no {color} {shape}"
+
+
+def _relation(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A left-of / above / which-is-higher question about two objects (grid columns and rows only)."""
+    pairs = [(a, b) for a in scene.objects for b in scene.objects if a is not b]
+    if not pairs:
+        raise ValueError("a relation question needs a scene with at least two objects")
+    a, b = rng.choice(pairs)
+    (ra, ca), (rb, cb) = divmod(CELLS.index(a.cell), 3), divmod(CELLS.index(b.cell), 3)
+    kinds = (["left"] if ca != cb else []) + (["above", "higher"] if ra != rb else [])
+    kind = rng.choice(kinds)  # two cells differ in their row, their column or both
+    name_a, name_b = f"{a.color} {a.shape}", f"{b.color} {b.shape}"
+    if kind == "left":
+        return f"Is the {name_a} left of the {name_b}?", "yes" if ca < cb else "no"
+    if kind == "above":
+        return f"Is the {name_a} above the {name_b}?", "yes" if ra < rb else "no"
+    upper = a if ra < rb else b
+    return f"Which is higher, the {name_a} or the {name_b}?", f"the {upper.color} {upper.shape}"
+
+
+def can_ask(scene: Scene, family: str) -> bool:
+    """Whether the spec has a question of ``family`` for this scene (relations need two objects)."""
+    return family != "relation" or len(scene.objects) >= 2
+
+
 def ask(scene: Scene, family: str, rng: random.Random, *, variant: bool | None = None) -> tuple[str, str]:
-    """(question, answer) of one family about the scene, worded as in the spec's table.
+    """(question, answer) of one single-turn family about the scene, worded as in the spec's table.
 
     variant=None varies the question's surface form with probability VARIANT_PROB (so the canonical form
     stays the most common); True always varies it, False never. Answers are always canonical.
+    A follow-up needs the turn it follows: use ``dialogue``.
     """
+    return _ask(scene, family, rng, variant)[:2]
+
+
+def _ask(scene: Scene, family: str, rng: random.Random, variant: bool | None) -> tuple[str, str, SceneObject | None]:
+    """(question, answer, the one object it is about or None) of a single-turn family."""
     obj = rng.choice(scene.objects)
+    about = None
     if family == "color":
-        question, answer = f"What color is the {obj.shape}?", obj.color
+        question, answer, about = f"What color is the {obj.shape}?", obj.color, obj
     elif family == "shape":
-        question, answer = f"What shape is the {obj.color} object?", obj.shape
+        question, answer, about = f"What shape is the {obj.color} object?", obj.shape, obj
     elif family == "count":
         question, answer = "How many shapes are there?", count_word(len(scene.objects))
     elif family == "where":
-        question, answer = f"Where is the {obj.color} {obj.shape}?", obj.cell
+        question, answer, about = f"Where is the {obj.color} {obj.shape}?", obj.cell, obj
     elif family == "exists":
         if rng.random() < 0.5:
             color, shape, answer = obj.color, obj.shape, "yes"
@@ -246,8 +300,66 @@ def ask(scene: Scene, family: str, rng: random.Random, *, variant: bool | None =
         question = f"Is there a {color} {shape}?"
     elif family == "describe":
         question, answer = "Describe the image.", describe(scene)
+    elif family == "absent":
+        question, answer = _absent(scene, rng)
+    elif family == "relation":
+        question, answer = _relation(scene, rng)
+    elif family == "follow-up":
+        raise ValueError("a follow-up question needs the turn it follows: use scenes.dialogue")
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if variant is None:
         variant = rng.random() < VARIANT_PROB
+    return (vary_question(question, rng) if variant else question), answer, about
+
+
+FOLLOW_UPS = {"color": "What color is it?", "shape": "What shape is it?", "where": "Where is it?"}
+REFERENT_FAMILIES = tuple(FOLLOW_UPS)  # the first turns a follow-up may follow: one object, present
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """One question in a chat: the earlier (question, answer) turns, oldest first, then the new question."""
+
+    history: tuple[tuple[str, str], ...]
+    question: str
+    answer: str
+    about: SceneObject | None = None  # the object the new question is about, where it is about one
+
+
+def _follow_up(obj: SceneObject, rng: random.Random, variant: bool | None) -> tuple[str, str]:
+    kind = rng.choice(REFERENT_FAMILIES)
+    answer = {"color": obj.color, "shape": obj.shape, "where": obj.cell}[kind]
+    question = FOLLOW_UPS[kind]
+    if variant is None:
+        variant = rng.random() < VARIANT_PROB
     return (vary_question(question, rng) if variant else question), answer
+
+
+def dialogue(
+    scene: Scene,
+    family: str,
+    rng: random.Random,
+    *,
+    earlier: int = 0,
+    chain: int = 0,
+    variant: bool | None = None,
+) -> Dialogue:
+    """A question of ``family`` after ``earlier`` unrelated turns of the same chat (right answers, any family).
+
+    A follow-up ("What color is it?") comes after a color/shape/where turn about one present object and asks
+    about that object; with ``chain`` > 0, that turn is itself preceded by ``chain`` follow-ups about the same
+    object ("Where is the red circle?" → "What shape is it?" → "What color is it?"): "it" is the object of
+    the latest turn. ``earlier`` turns come before all of them.
+    """
+    askable = [f for f in SINGLE_TURN if can_ask(scene, f)]
+    history = [_ask(scene, rng.choice(askable), rng, variant)[:2] for _ in range(earlier)]
+    if family != "follow-up":
+        question, answer, about = _ask(scene, family, rng, variant)
+        return Dialogue(tuple(history), question, answer, about)
+    question, answer, about = _ask(scene, rng.choice(REFERENT_FAMILIES), rng, variant)
+    history.append((question, answer))
+    for _ in range(chain):
+        history.append(_follow_up(about, rng, variant))
+    question, answer = _follow_up(about, rng, variant)
+    return Dialogue(tuple(history), question, answer, about)
