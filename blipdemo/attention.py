@@ -12,20 +12,20 @@ A word reaches the image through two stages, and a token's map chains them:
 
 The aggregation (mean over heads and layers) was chosen with the pointing game in ``benchmarks/``.
 Generation itself runs as in ``ask`` (SDPA everywhere); afterwards one teacher-forced pass over the
-answer records only what the maps need: the Q-Former's cross-attention (explicit path, this thread
-only) and the LM's attention weights (eager attention for that one pass).
+answer records only what the maps need, in this thread only: the Q-Former's cross-attention (its explicit
+path) and the LM's attention weights (``lm_attention``: the same SDPA pass, with the weights recomputed from
+its queries and keys). The LM's attention implementation is never switched, so concurrent requests are untouched.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import lm_attention
 from .qformer import recording
 
 # matplotlib's "inferno" sampled at 17 points: perceptually uniform, dark → bright, readable over photos.
@@ -51,7 +51,6 @@ INFERNO = np.array(
     ],
     dtype=np.float32,
 )
-_eager_lock = threading.Lock()
 
 
 # The heat is painted only where the map is strong: below FLOOR (a share of the map's peak) the photo shows as it
@@ -121,20 +120,6 @@ class Explanation:
         return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
 
 
-@contextmanager
-def eager_attention(model):
-    """Eager attention (which can return its weights) for the duration of one pass, then back."""
-    with _eager_lock:
-        previous = model.config._attn_implementation
-        if previous != "eager":
-            model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if previous != "eager":
-                model.set_attn_implementation(previous)
-
-
 AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
 
 
@@ -161,42 +146,51 @@ def token_query_weights(attentions, rows: torch.Tensor, num_queries: int, aggreg
     return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def explain_answer(
-    vlm, inputs, answer_ids: torch.Tensor, text: str, image: Image.Image, aggregate: str = "mean"
-) -> Explanation:
-    """Maps for ``answer_ids`` (what generation produced for ``inputs``), from one teacher-forced pass."""
+def lm_attention_modules(lm) -> list[torch.nn.Module]:
+    """The LM's attention modules whose weights reach the query positions, in layer order: the decoder's
+    self-attention (decoder-only LMs), or the decoder's cross-attention to the encoder (T5)."""
+    if lm.config.is_encoder_decoder:
+        return [m for name, m in lm.named_modules() if name.endswith("EncDecAttention")]
+    return [m for name, m in lm.named_modules() if name.endswith(".self_attn")]
+
+
+def explain_answer(service, inputs, answer_ids: torch.Tensor, text: str, aggregate: str = "mean") -> Explanation:
+    """Maps for ``answer_ids`` (what generation produced for the prepared ``inputs``), from one teacher-forced pass.
+
+    Both stages are recorded in this thread only (the Q-Former's explicit path, ``lm_attention.recording``): other
+    requests generating with the same model at the same time run exactly as before.
+    """
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-    q = vlm.config.num_query_tokens
-    grid = tuple(s // vlm.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
-    lm = vlm.language_model
+    model = service.model
+    q = model.config.num_query_tokens
+    grid = tuple(s // model.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
+    lm = model.language_model
     with torch.inference_mode():
-        with recording(vlm.qformer.cross_attention_modules()) as records:
-            query_embeds = vlm.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
+        image_embeds = service.image_tokens([inputs])
+        with recording(model.qformer.cross_attention_modules()) as records:
+            query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
         C = query_image_maps([r for rec in records.values() for r in rec], grid, aggregate)  # (Q, P)
         answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
-        with eager_attention(lm):
-            if vlm.is_encoder_decoder:
-                embeds, mask = vlm._language_inputs(query_embeds, inputs.input_ids, None)
+        modules = lm_attention_modules(lm)
+        with lm_attention.recording(modules) as lm_records:
+            if model.is_encoder_decoder:
+                embeds, mask = model.language_inputs(query_embeds, inputs.input_ids)
                 start = torch.tensor([[lm.config.decoder_start_token_id]], device=answer.device)
                 decoder_ids = torch.cat([start, answer[:, :-1]], dim=1)  # position t produces answer token t
-                out = lm(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    decoder_input_ids=decoder_ids.to(embeds.device),
-                    output_attentions=True,
-                )
-                attentions, rows = out.cross_attentions, torch.arange(answer.shape[1])
+                lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids.to(embeds.device))
+                rows = torch.arange(answer.shape[1])
             else:
                 ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)
-                embeds, mask = vlm._language_inputs(query_embeds, ids, None)
-                out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
+                embeds, mask = model.language_inputs(query_embeds, ids)
+                lm(inputs_embeds=embeds, attention_mask=mask)
                 first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
-                attentions, rows = out.attentions, torch.arange(first, first + answer.shape[1])
+                rows = torch.arange(first, first + answer.shape[1])
+        attentions = [lm_records[m][0].cpu() for m in modules]  # per layer (1, nh, T, S)
         R = token_query_weights(attentions, rows, q, aggregate)  # (n, Q)
         maps = (R.to(C.device) @ C).reshape(-1, *grid)  # (n, gh, gw)
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
-    pieces = [vlm.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
+    pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
     keep = [i for i, piece in enumerate(pieces) if piece]
     tokens = [pieces[i] for i in keep]
     token_maps = maps[keep] if keep else maps[:0]
@@ -204,5 +198,9 @@ def explain_answer(
     token_maps = token_maps.cpu().numpy().astype(np.float64)
     token_maps /= np.maximum(token_maps.sum(axis=(1, 2), keepdims=True), 1e-300)
     return Explanation(
-        text=text, tokens=tokens, token_maps=token_maps, image_map=whole / max(whole.sum(), 1e-300), image=image
+        text=text,
+        tokens=tokens,
+        token_maps=token_maps,
+        image_map=whole / max(whole.sum(), 1e-300),
+        image=inputs.image,
     )

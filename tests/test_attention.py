@@ -3,12 +3,11 @@ and (steered) in the LM."""
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import blipdemo
 from blipdemo.attention import colormap, query_image_maps, token_query_weights
@@ -86,11 +85,11 @@ def test_map_peaks_where_the_qformer_was_made_to_look(checkpoint_dir, images):
     """End to end: cross-attention rewired so that every query reads one chosen patch."""
     vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
     image = images[0]
-    tokens = vlm.encode_image(vlm.preprocess(image))[0]  # (1 + P, D)
+    tokens = vlm.model.encode_image(vlm.preprocess(image))[0]  # (1 + P, D)
     target = 5  # patch index (CLS excluded)
     u = tokens[1 + target] / tokens[1 + target].norm()
     with torch.no_grad():
-        for module in vlm.qformer.cross_attention_modules():
+        for module in vlm.model.qformer.cross_attention_modules():
             width = module.query.out_features
             e = torch.ones(width) / width**0.5
             module.key.weight.copy_(torch.outer(e, u))
@@ -121,12 +120,13 @@ def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
     query q gets scale · e_q. Both are solved by least squares on the very inputs of each layer (layer by layer,
     since a rigged layer changes what the next one sees), so a query's score is scale/√hs on its patch, 0 elsewhere.
     """
-    image = inputs.image_embeds[0].double()  # (1 + P, Dv): the keys' input
-    for module in vlm.qformer.cross_attention_modules():
+    image_embeds = vlm.image_tokens([inputs])  # (1, 1 + P, Dv)
+    image = image_embeds[0].double()  # (1 + P, Dv): the keys' input
+    for module in vlm.model.qformer.cross_attention_modules():
         seen = []
         hook = module.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0][0].double()))
         with torch.inference_mode():
-            vlm.query_outputs(inputs.image_embeds, inputs.qformer_input_ids)
+            vlm.model.query_outputs(image_embeds, inputs.qformer_input_ids)
         hook.remove()
         queries = seen[0]  # (Q, D): what this layer's queries are on the way in
         width, heads = module.key.out_features, module.num_heads
@@ -149,37 +149,40 @@ def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
 
 
 def _steer_lm(monkeypatch, vlm, first_row: int) -> list:
-    """Replace the LM's eager attention (what the map pass runs) so that the position producing answer token t puts
-    90% of its attention on query STEP_QUERY[t % 4] (and keeps 10% of its own pattern): its output really follows.
+    """Replace the LM's attention function (SDPA, which the map pass runs like generation) so that the position
+    producing answer token t puts 90% of its attention on query STEP_QUERY[t % 4] (and keeps 10% of its own,
+    causal pattern): its output really follows, and the steered weights are what the function returns.
 
     ``first_row``: the position that produces answer token 0 — the layout as the test states it, not as the code
     under test computes it. Decoder-only LMs: self-attention, rows first_row, first_row + 1, …; T5: the decoder's
     cross-attention to the encoder (queries first), rows 0, 1, …. Returns the list of steered calls."""
     lm = vlm.language_model
-    if vlm.is_encoder_decoder:
-        from transformers.models.t5 import modeling_t5 as modeling
-
+    cross = vlm.is_encoder_decoder  # T5: the decoder's cross-attention (no causal mask); else self-attention
+    if cross:
         steered = {block.layer[1].EncDecAttention for block in lm.decoder.block}
     else:
-        modeling = importlib.import_module(type(lm).__module__)
         steered = {m for m in lm.modules() if type(m).__name__.endswith("Attention")}
-    original = modeling.eager_attention_forward
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     calls = []
 
-    def eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         out, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
-        if module not in steered:
+        if module not in steered or query.shape[2] == 1:  # generation steps are not steered
             return out, weights
         calls.append(module)
-        weights = weights.clone()  # (B, nh, rows, keys)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads
+        scores = (query @ key.transpose(-1, -2)).float()  # (B, nh, rows, keys); the scale does not matter here
+        if not cross:
+            scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), -torch.inf)
+        weights = scores.softmax(-1)
         for row in range(first_row, weights.shape[2]):
             target = torch.zeros(weights.shape[-1], dtype=weights.dtype)
             target[STEP_QUERY[(row - first_row) % len(STEP_QUERY)]] = 1.0
             weights[:, :, row] = 0.1 * weights[:, :, row] + 0.9 * target
         value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # grouped-query heads
-        return (weights @ value).transpose(1, 2).contiguous(), weights
+        return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous(), weights
 
-    monkeypatch.setattr(modeling, "eager_attention_forward", eager_attention_forward)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa)
     return calls
 
 
@@ -198,7 +201,7 @@ def test_each_token_map_follows_the_query_its_token_looked_at(checkpoint_dir, im
     first_row = 0 if vlm.is_encoder_decoder else num_queries + inputs.input_ids.shape[1] - 1
     calls = _steer_lm(monkeypatch, vlm, first_row)
     e = vlm.explain(image, PROMPT, answer=ANSWER)
-    assert calls, "the map pass did not run through the steered eager attention"
+    assert calls, "the map pass did not run through the steered attention"
     assert "".join(e.tokens).strip() == ANSWER and len(e.tokens) >= 2 * len(STEP_QUERY)
     # Every visible token is an answer token in order (only the final EOS is hidden): token t is step t.
     for t, m in enumerate(e.token_maps):
