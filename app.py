@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 DEFAULT_MODEL = "Salesforce/instructblip-flan-t5-xl"
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
+ON_ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")  # what the spaces package reads
 
 
 def _env(name: str, default=None):
@@ -95,20 +96,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--history-turns",
         type=int,
         default=int(_env("HISTORY_TURNS", -1)),
-        help="earlier chat turns given to the model with a new question (-1: all that fit; default -1, 0 for "
-        "the embedded model, which was trained on single questions) [BLIPDEMO_HISTORY_TURNS]",
+        help="earlier chat turns given to the model with a new question (-1: what the model's config says it was "
+        "trained with, else all that fit; default -1) [BLIPDEMO_HISTORY_TURNS]",
     )
     p.add_argument(
         "--concurrency",
         type=int,
         default=int(_env("CONCURRENCY", 1)),
-        help="generations running at once [BLIPDEMO_CONCURRENCY; default 1]",
+        help="generations running at once [BLIPDEMO_CONCURRENCY; default 1, at least --max-batch-size]",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=int(_env("MAX_BATCH_SIZE", 1)),
+        help="concurrent questions decoded together in one batch (1: one at a time; off on ZeroGPU, where each "
+        "answer has its own GPU worker) [BLIPDEMO_MAX_BATCH_SIZE; default 1]",
     )
     p.add_argument(
         "--queue-size",
         type=int,
         default=int(_env("QUEUE_SIZE", 16)),
-        help="requests waiting at most; more are told the queue is full [BLIPDEMO_QUEUE_SIZE]",
+        help="requests waiting at most; more are told the queue is full [BLIPDEMO_QUEUE_SIZE; default 16, at "
+        "least twice --max-batch-size]",
     )
     p.add_argument(
         "--time-limit",
@@ -136,6 +145,14 @@ def parse_max_memory(text: str | None) -> dict | None:
     return budget
 
 
+def batch_size(args: argparse.Namespace) -> int:
+    """--max-batch-size, except on ZeroGPU, where every answer runs in a GPU worker of its own (nothing to share)."""
+    if ON_ZERO_GPU and args.max_batch_size > 1:
+        logging.warning("ZeroGPU runs each answer in its own worker: batching is off (max batch size 1).")
+        return 1
+    return args.max_batch_size
+
+
 def load_model(args: argparse.Namespace):
     """(model, banner): the named model, the default one, or the embedded tiny model as the fallback."""
     options = dict(
@@ -146,6 +163,7 @@ def load_model(args: argparse.Namespace):
         load_in_8bit=args.load_8bit,
         load_in_4bit=args.load_4bit,
         compile=args.compile,
+        max_batch_size=batch_size(args),
     )
     if args.model:  # a model the user named: failing to load it is an error, not a fallback
         return blipdemo.load(args.model, **options), None
@@ -158,19 +176,21 @@ def load_model(args: argparse.Namespace):
             "answers questions about simple shapes scenes (try the examples); start with `--model` to "
             "use a real checkpoint."
         )
-        return blipdemo.load(EMBEDDED_MODEL, dtype=args.dtype, device=args.device, compile=args.compile), banner
+        embedded = dict(dtype=args.dtype, device=args.device, compile=args.compile, max_batch_size=batch_size(args))
+        return blipdemo.load(EMBEDDED_MODEL, **embedded), banner
 
 
 def build_demo(args: argparse.Namespace):
     """(Blocks, model): the app as `python app.py` serves it, not yet launched."""
     vlm, banner = load_model(args)
     vlm.generation_time_limit = args.time_limit
-    history_turns = args.history_turns if args.history_turns >= 0 else None
-    if history_turns is None and Path(vlm.load_info["folder"]).resolve() == EMBEDDED_MODEL.resolve():
-        history_turns = 0  # the embedded model was trained on single questions: each one stands alone
+    history_turns = args.history_turns if args.history_turns >= 0 else None  # None: as the model's config says
     demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples", history_turns=history_turns)
-    demo = demo.build(concurrency_limit=args.concurrency)
-    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency, api_open=False)
+    # A batch of N rows needs N handlers waiting on the model at once, and a queue that can hold the next batch.
+    concurrency = max(args.concurrency, vlm.max_batch_size)
+    demo = demo.build(concurrency_limit=concurrency)
+    queue_size = max(args.queue_size, 2 * vlm.max_batch_size)
+    demo.queue(max_size=queue_size, default_concurrency_limit=concurrency, api_open=False)
     return demo, vlm
 
 

@@ -1,12 +1,14 @@
 """Load test: many simultaneous clients against the app, on loopback only; bounded in count and time.
 
-    python benchmarks/load_test.py [--clients 30] [--queue-size 16] [--model assets/shapes-instructblip]
+    python benchmarks/load_test.py [--clients 30] [--queue-size 16] [--max-batch-size 1] [--model …]
 
 Starts the app in this process as `python app.py` does, renders one distinct shapes scene per client
 (blipdemo.tiny.scenes, docs/scenes.md) with a question from the scenes' own generator, so every client sends its
 own picture and question and the right answer is known. The clients are built first; then all submit to /ask at
 once, and each one's latency runs from its submit to its answer. Prints what each client sent and got, and a
 summary: answered correctly, answered wrongly, told "queue full", failed, p50/p95 latency of the answered ones.
+``--max-batch-size N`` starts the app with batching (``--max-batch-size`` of app.py): concurrent questions share
+the model in batches of up to N.
 
 Every answer is also checked against the model's answer to the same request asked alone, after the load: a
 wrong answer that equals it is the model's own mistake; one that differs was changed by the load (a mixed-up or
@@ -44,10 +46,10 @@ def requests_for(count: int, folder: Path, seed: int) -> list[dict]:
     seen, requests = set(), []
     while len(requests) < count:
         scene = scenes.sample_scene(rng)
-        if scene in seen:  # distinct scenes: a mixed-up answer must not be able to pass as right
+        family = scenes.SINGLE_TURN[len(requests) % len(scenes.SINGLE_TURN)]  # /ask takes no chat history
+        if scene in seen or not scenes.can_ask(scene, family):  # distinct: a mixed-up answer can't pass as right
             continue
         seen.add(scene)
-        family = scenes.FAMILIES[len(requests) % len(scenes.FAMILIES)]
         question, answer = scenes.ask(scene, family, rng)
         path = folder / f"client-{len(requests):02d}.png"
         scenes.render(scene, rng).save(path)
@@ -63,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=30)
     parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=1, help="app.py's --max-batch-size (1: no batching)")
     parser.add_argument("--model", default=str(EMBEDDED_MODEL))
     parser.add_argument("--timeout", type=float, default=600, help="seconds each client waits for its answer")
     parser.add_argument("--seed", type=int, default=SEED)
@@ -77,7 +80,15 @@ def run(args, requests: list[dict]) -> None:
     # What the app's /ask does with the decoding values these clients send (num_beams=1, the rest defaults).
     decoding = {**INSTRUCTBLIP_DEFAULTS, "num_beams": 1}
 
-    with serve("--model", args.model, "--queue-size", str(args.queue_size)) as (_, vlm, url):
+    app_args = (
+        "--model",
+        args.model,
+        "--queue-size",
+        str(args.queue_size),
+        "--max-batch-size",
+        str(args.max_batch_size),
+    )
+    with serve(*app_args) as (_, vlm, url):
         # Clients first, in parallel: building one fetches the app's config, which is not the latency measured.
         with ThreadPoolExecutor(args.clients) as pool:
             clients = list(pool.map(lambda _: Client(url, verbose=False), range(args.clients)))
@@ -126,9 +137,10 @@ def run(args, requests: list[dict]) -> None:
     latencies = [r["latency"] for r in answered]
     p50 = statistics.median(latencies) if latencies else float("nan")
     print(
-        f'\n| clients | queue size | answered correctly | answered wrongly | told "queue full" | failed | '
-        f"p50 latency | p95 latency | wall |\n|{'---|' * 9}\n"
-        f"| {args.clients} | {args.queue_size} | {correct} | {len(answered) - correct} | {queue_full} | "
+        f'\n| clients | queue size | max batch size | answered correctly | answered wrongly | told "queue full" | '
+        f"failed | p50 latency | p95 latency | wall |\n|{'---|' * 10}\n"
+        f"| {args.clients} | {args.queue_size} | {args.max_batch_size} | {correct} | {len(answered) - correct} | "
+        f"{queue_full} | "
         f"{len(failed)} | {p50:.2f} s | {nearest_rank(latencies, 0.95):.2f} s | {wall:.1f} s |"
     )
     print(

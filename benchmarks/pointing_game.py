@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blipdemo  # noqa: E402
 from blipdemo.attention import AGGREGATIONS, explain_answer  # noqa: E402
+from blipdemo.decoding import DecodingOptions  # noqa: E402
 from blipdemo.tiny import scenes  # noqa: E402
 
 MARGIN = 15  # px, in the 224-px canvas
@@ -48,8 +49,9 @@ def inside(point, box, margin: int = MARGIN) -> bool:
 
 def explanations(model, image, question: str, max_new_tokens: int) -> dict:
     """{aggregation: Explanation} of the greedy answer to ``question``, generated once for all aggregations."""
-    inputs, ids = model._generate(image, question, (), {"num_beams": 1, "max_new_tokens": max_new_tokens})
-    return {agg: explain_answer(model, inputs, ids, "", image, aggregate=agg) for agg in AGGREGATIONS}
+    options = DecodingOptions.of(num_beams=1, max_new_tokens=max_new_tokens)
+    inputs, ids = model._generate(image, question, (), options)
+    return {agg: explain_answer(model, inputs, ids, "", aggregate=agg) for agg in AGGREGATIONS}
 
 
 def peak_inside(heat: np.ndarray, box) -> bool:

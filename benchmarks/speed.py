@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blipdemo  # noqa: E402
+from blipdemo.batching import generate_kwargs  # noqa: E402
+from blipdemo.decoding import DecodingOptions  # noqa: E402
 from blipdemo.tiny.evaluate import cpu_info  # noqa: E402
 from blipdemo.tiny.tokenizers import lm_tokenizer, wordpiece_tokenizer  # noqa: E402
 
@@ -158,6 +160,20 @@ def machine(device: str, dtype: torch.dtype, sizes: tuple[int, ...]) -> dict:
     return info
 
 
+def describe_machine(info: dict) -> str:
+    """``machine``'s result as the lines every benchmark prints first."""
+    native = f"AMX-BF16 {'yes' if info['amx_bf16'] else 'no'}, AVX512-BF16 {'yes' if info['avx512_bf16'] else 'no'}"
+    lines = [f"machine: {info['cpu']}, {info['cpus']} CPUs ({info['torch_threads']} torch threads); {native}"]
+    if info["gpu"]:
+        lines.append(f"GPU: {info['gpu']}")
+    peaks = ", ".join(
+        f"{k.removeprefix('matmul_peak_')} {v / 1e12:.3f} TFLOP/s" for k, v in info.items() if "peak" in k
+    )
+    lines.append(f"matmul peak (best of {', '.join(f'{s}²' for s in info['matmul_sizes'])}): {peaks}")
+    lines.append(f"python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, {info['date']}")
+    return "\n".join(lines)
+
+
 def layers_bytes(lm) -> int:
     """Bytes of the decoder layers' weights and buffers (what quantization shrinks; embeddings stay)."""
     layers = lm.get_decoder().layers
@@ -258,7 +274,8 @@ class Bench:
         cached_first = self.time(lambda: generate(image, PROMPTS[0], 1))
         t["cached_decode"] = (self.time(lambda: generate(image, PROMPTS[0], n)) - cached_first) / (n - 1)
         with torch.inference_mode():  # the bare LM gets exactly the embeddings our generate hands it
-            kwargs = ours._generate_kwargs(ours.prepare(image, PROMPTS[0], max_new_tokens=n), dict(self.fixed))
+            request = ours._request(ours.prepare(image, PROMPTS[0], max_new_tokens=n), DecodingOptions.of(self.fixed))
+            kwargs = generate_kwargs(ours, [request])
 
         def bare(tokens):
             with torch.inference_mode():
@@ -270,7 +287,7 @@ class Bench:
         t["explain"] = self.time(lambda: ours.explain(image, PROMPTS[0], **self.fixed))
         pixels = self.pixels(ours.image_processor)
         with torch.inference_mode():
-            t["vit"] = self.time(lambda: (ours.encode_image(pixels), self.sync()))
+            t["vit"] = self.time(lambda: (ours.model.encode_image(pixels), self.sync()))
         return t
 
 
@@ -304,15 +321,7 @@ def main() -> None:
 
     # The machine first: every figure below is relative to it (and the vision encoder's row to its measured peak).
     info = machine(args.device, dtype, (256, 512) if args.tiny else (1024, 2048, 4096))
-    native = f"AMX-BF16 {'yes' if info['amx_bf16'] else 'no'}, AVX512-BF16 {'yes' if info['avx512_bf16'] else 'no'}"
-    print(f"machine: {info['cpu']}, {info['cpus']} CPUs ({info['torch_threads']} torch threads); {native}")
-    if info["gpu"]:
-        print(f"GPU: {info['gpu']}")
-    peaks = ", ".join(
-        f"{k.removeprefix('matmul_peak_')} {v / 1e12:.3f} TFLOP/s" for k, v in info.items() if "peak" in k
-    )
-    print(f"matmul peak (best of {', '.join(f'{s}²' for s in info['matmul_sizes'])}): {peaks}")
-    print(f"python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, {info['date']}")
+    print(describe_machine(info))
     print(
         f"checkpoint: {'tiny (smoke-test sizes)' if args.tiny else 'ViT-g/14 + Q-Former 12 × 768'} + LLaMA-shaped LM "
         f"with {args.lm_layers} layers; device {args.device}, dtype {_name(dtype)}, {n} new tokens, "

@@ -8,20 +8,24 @@ blipdemo.load_qformer("Salesforce/blipdiffusion").embed("dog.jpg", "dog")   # BL
 """
 
 from .attention import Explanation
-from .decoding import INSTRUCTBLIP_DEFAULTS
+from .decoding import INSTRUCTBLIP_DEFAULTS, DecodingOptions
 from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .images import ImageError, load_image
 from .loading import CheckpointError, CheckpointUnavailable, load, load_qformer, plan_device_map
 from .model import VisionLanguageModel
+from .service import Answer, Service
 
 __all__ = [
     "INSTRUCTBLIP_DEFAULTS",
+    "Answer",
     "Blip2TextQFormer",
     "BlipDiffusionQFormer",
     "CheckpointError",
     "CheckpointUnavailable",
+    "DecodingOptions",
     "Explanation",
     "ImageError",
+    "Service",
     "VisionLanguageModel",
     "load",
     "load_image",

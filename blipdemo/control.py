@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 
 from . import gpu
+from .decoding import DecodingOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Generations:
         image: str,
         instruction: str,
         history: Sequence[tuple[str, str]],
-        options: dict,
+        options: DecodingOptions,
         template: bool = True,
         maps: bool = False,
     ) -> AsyncIterator[tuple[str, object]]:

@@ -7,6 +7,7 @@ transformers reference uses too), except ``max_new_tokens``, which defaults to 2
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # name: (kind, low, high, low_inclusive) — the ranges transformers accepts, capped where a larger value
@@ -78,3 +79,59 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
         out.pop("top_p", None)
         out.pop("temperature", None)
     return out
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Validated decoding options of one request (None: the checkpoint's ``generation_config`` value).
+
+    Build it with ``DecodingOptions.of(...)``, which checks every value (see ``validate``); the app's controls, the
+    API and the library share it, and it pickles (ZeroGPU hands it to a forked worker).
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int | None = None
+    num_beams: int | None = None
+    do_sample: bool | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+
+    @classmethod
+    def of(cls, options: DecodingOptions | dict | None = None, **more: Any) -> DecodingOptions:
+        """Options from a dict and/or keywords (or an existing instance), validated: ValueError / TypeError naming
+        the parameter and its range."""
+        given = options.kwargs() if isinstance(options, DecodingOptions) else dict(options or {})
+        return cls(**validate({**given, **more}))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options set, as ``generate`` keyword arguments."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def resolved(self, generation_config) -> dict[str, Any]:
+        """Every option with the checkpoint's default where this request gave none."""
+        return {
+            f.name: getattr(self, f.name)
+            if getattr(self, f.name) is not None
+            else getattr(generation_config, f.name, None)
+            for f in fields(self)
+        }
+
+    def batch_key(self, generation_config) -> tuple | None:
+        """Requests with equal keys can decode in one batch; None: this one decodes alone (beam search).
+
+        The lengths (``max_new_tokens``, ``min_new_tokens``) are per row and not part of the key; greedy and sampling
+        differ, and sampling rows share their temperature / top-p; the repetition penalty must match. The length
+        penalty only steers beam search.
+        """
+        values = self.resolved(generation_config)
+        if (values["num_beams"] or 1) > 1:
+            return None
+        sampling = bool(values["do_sample"])
+        return (
+            sampling,
+            values["temperature"] if sampling else None,
+            values["top_p"] if sampling else None,
+            values["repetition_penalty"],
+        )

@@ -4,7 +4,7 @@ On a ZeroGPU Space, ``spaces.GPU`` runs the decorated generator in a *forked wor
 are pickled into the worker, each yielded item is pickled back, and closing the generator in the main process
 makes the worker close its own generator after the next item it yields. So ``answer``
 
-- takes plain data only: the image as a file path, text, (question, answer) pairs, a dict of numbers, a run id;
+- takes plain data only: the image as a file path, text, (question, answer) pairs, ``DecodingOptions``, a run id;
 - reaches the model through this module (``register`` puts it here before the fork; the worker inherits it);
 - yields plain data only: ``("text", answer so far)`` and, last, ``("maps", {...numpy arrays...})``;
 - yields a heartbeat (the unchanged text) every ``HEARTBEAT`` seconds while nothing new arrives, so that a closed
@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import gradio as gr
 import torch
 
+from .decoding import DecodingOptions
 from .images import ImageError
 
 HEARTBEAT = 0.5  # seconds between heartbeats while a generation sends nothing (beam search)
@@ -79,7 +80,7 @@ def answer(
     image: str,
     instruction: str,
     history: Sequence[tuple[str, str]],
-    options: dict,
+    options: DecodingOptions,
     template: bool = True,
     maps: bool = False,
     run: str | None = None,
@@ -95,24 +96,32 @@ def answer(
         # parallel CPU region here would hang for good. The heavy work runs on the GPU; one CPU thread is enough.
         torch.set_num_threads(1)
     vlm = _models[model]
-    stop = _switches.get(run) if run else None
+    # The run's switch (Stop, or the client left); without a run id (a direct call) a switch of its own.
+    stop = (_switches.get(run) if run else None) or threading.Event()
     text = ""
     try:
-        pieces = vlm.stream(
+        answer_ = vlm.start(
             image,
             instruction,
             history=history,
+            options=options,
             template=template,
             stop_event=stop,
-            idle_timeout=READER_TIMEOUT,
             heartbeat=HEARTBEAT,
-            **options,
         )
-        for piece in pieces:
+        for piece in answer_:
             text += piece
-            yield "text", text
-        if maps and text.strip() and not (stop is not None and stop.is_set()):
-            e = vlm.explain(image, instruction, history=history, template=template, answer=text)
+            # The reader pulls the next item as soon as it has passed one on: one left unpulled for READER_TIMEOUT
+            # means the client is gone without a word (Gradio drops a disconnected event without closing us).
+            reader = threading.Timer(READER_TIMEOUT, stop.set)
+            reader.daemon = True
+            reader.start()
+            try:
+                yield "text", text
+            finally:
+                reader.cancel()
+        if maps and text.strip() and not stop.is_set():
+            e = vlm.explain_prepared(answer_.inputs, answer_.ids, text.strip())
             yield "maps", {"text": e.text, "tokens": e.tokens, "token_maps": e.token_maps, "image_map": e.image_map}
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from e

@@ -38,6 +38,7 @@ from transformers import (
 
 from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .model import VisionLanguageModel
+from .service import Service, check_max_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -497,18 +498,22 @@ def load(
     revision: str | None = None,
     cache_size: int = 16,
     compile: bool = False,
-) -> VisionLanguageModel:
-    """Load an InstructBLIP / BLIP-2 checkpoint (hub id or local folder) into a ``VisionLanguageModel``.
+    max_batch_size: int = 1,
+) -> Service:
+    """Load an InstructBLIP / BLIP-2 checkpoint (hub id or local folder) and serve it: a ``Service`` (``ask``,
+    ``stream``, ``explain``, ``embed``, the forward call) around the ``VisionLanguageModel`` (``.model``).
 
     ``dtype``: None (bfloat16 where the device supports it, else float32) | "float32" | "bfloat16" |
     "float16". ``device``: "cpu", "cuda", "cuda:1"… (None: cuda if available). ``device_map`` /
     ``max_memory``: split the LM over several devices (accelerate). ``load_in_8bit`` / ``load_in_4bit``:
     bitsandbytes LM weights; the vision encoder and Q-Former stay in ``dtype``. ``compile``: compile the
     vision encoder with torch.compile (inductor, weights frozen and prepacked: inference only; ~40 s once at
-    load, then ~1.2× faster on this CPU — see benchmarks/speed.py).
+    load, then ~1.2× faster on this CPU — see benchmarks/speed.py). ``max_batch_size``: concurrent requests (from
+    threads, as the app makes them) decode together in batches of up to this many rows (1: one at a time).
     """
     if load_in_8bit and load_in_4bit:
         raise ValueError("Choose one of load_in_8bit and load_in_4bit.")
+    check_max_batch_size(max_batch_size)
     if max_memory is not None and device_map is None:
         device_map = "auto"
     folder = resolve_checkpoint(name_or_path, revision)
@@ -546,7 +551,8 @@ def load(
             str(dtype).removeprefix("torch."),
             ", ".join(LM_PREFIX + name for name in keep_float),
         )
-    vlm.language_model = load_language_model(
+    model = vlm.model
+    model.language_model = load_language_model(
         folder,
         config,
         core_keys(files),
@@ -558,8 +564,8 @@ def load(
         keep_float=keep_float,
     )
     if compile:
-        compile_vision_encoder(vlm)
-    vlm.load_info = {
+        compile_vision_encoder(model)
+    load_info = {
         "name": str(name_or_path),
         "folder": str(folder),
         "dtype": str(dtype).removeprefix("torch."),
@@ -569,8 +575,17 @@ def load(
         "device_map": plan if device_map is not None else None,
         "device": str(core_device),
         "compiled": compile,
+        "max_batch_size": max_batch_size,
     }
-    return vlm
+    return Service(
+        model,
+        vlm.tokenizer,
+        vlm.qformer_tokenizer,
+        vlm.image_processor,
+        cache_size=cache_size,
+        max_batch_size=max_batch_size,
+        load_info=load_info,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -627,7 +642,7 @@ def load_tokenizer(folder: Path):
 
 def _load_core_model(
     folder: Path, config, files: list[Path], device: torch.device, dtype: torch.dtype, cache_size: int
-) -> VisionLanguageModel:
+) -> Service:
     """Tokenizers, image processor and our modules (vision encoder, Q-Former, projection); no LM yet."""
     tokenizer = load_tokenizer(folder)
     if not hasattr(tokenizer, "image_token"):
@@ -643,11 +658,11 @@ def _load_core_model(
     image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
 
     with torch.device("meta"):
-        vlm = VisionLanguageModel(config, None, tokenizer, qformer_tokenizer, image_processor, cache_size)
-    load_core(vlm, read_core_state(files), str(folder))
-    vlm.to(device=device, dtype=dtype)
-    vlm.eval()
-    return vlm
+        model = VisionLanguageModel(config)
+    load_core(model, read_core_state(files), str(folder))
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return Service(model, tokenizer, qformer_tokenizer, image_processor, cache_size=cache_size)
 
 
 def compile_vision_encoder(model) -> None:
@@ -813,7 +828,7 @@ def load_qformer(
             "(embeddings.word_embeddings), nor an InstructBLIP / BLIP-2 checkpoint (language_model.* keys)."
         )
     if compile:
-        compile_vision_encoder(model)
+        compile_vision_encoder(model.model if isinstance(model, Service) else model)
     model.load_info = {
         "name": str(name_or_path),
         "folder": str(folder),

@@ -22,7 +22,7 @@ import gradio as gr
 from . import gpu
 from .attention import Explanation, legend_css
 from .control import Generations
-from .decoding import INSTRUCTBLIP_DEFAULTS, validate
+from .decoding import INSTRUCTBLIP_DEFAULTS, DecodingOptions
 from .images import ImageError, load_image
 from .prompts import check_template
 
@@ -60,8 +60,10 @@ class ImageInput(gr.Image):
         return payload.path
 
 
-def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
-    """UI controls → validated ``generate`` options (ValueError with the parameter's name if out of range)."""
+def decoding_options(
+    method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length
+) -> DecodingOptions:
+    """UI controls → validated ``DecodingOptions`` (ValueError with the parameter's name if out of range)."""
     options = {
         "max_new_tokens": max_new_tokens,
         "min_new_tokens": min_new_tokens,
@@ -73,7 +75,7 @@ def decoding_options(method, beams, max_new_tokens, min_new_tokens, top_p, tempe
         options.update(do_sample=False, num_beams=beams, length_penalty=length)
     else:
         raise ValueError(f"method must be {BEAM!r} or {SAMPLE!r}, got {method!r}")
-    return validate(options)
+    return DecodingOptions.of(options)
 
 
 def _turns(chat: list[dict]) -> list[tuple[str, str]]:
@@ -91,15 +93,35 @@ def _turns(chat: list[dict]) -> list[tuple[str, str]]:
     return turns
 
 
+EARLIER_SEPARATOR = " → "  # "question → answer", one turn per line: how an example's earlier turns read
+
+
+def earlier_turns_text(history) -> str:
+    """[[question, answer], ...] → "question → answer" lines (the examples' table shows them as they are)."""
+    return "\n".join(f"{q}{EARLIER_SEPARATOR}{a}" for q, a in history)
+
+
+def parse_earlier_turns(text: str | None) -> list[tuple[str, str]]:
+    """``earlier_turns_text``'s lines back to (question, answer) pairs; anything else is no turn."""
+    turns = []
+    for line in (text or "").splitlines():
+        question, sep, answer = line.partition(EARLIER_SEPARATOR)
+        if sep and question.strip() and answer.strip():
+            turns.append((question.strip(), answer.strip()))
+    return turns
+
+
 class Demo:
     """The app around one loaded model; ``build()`` returns the Gradio Blocks."""
 
     def __init__(
         self, vlm, *, notice: str | None = None, examples_dir: Path | None = None, history_turns: int | None = None
     ) -> None:
-        """``history_turns``: earlier turns put before a new question (None: all that fit; 0: none — for a
-        model trained on single questions, like the embedded one)."""
+        """``history_turns``: earlier turns put before a new question (0: none). None: what the model's config says
+        it was trained with (``"blipdemo": {"history_turns": N}``, as the embedded model's), else all that fit."""
         self.vlm = vlm
+        if history_turns is None:
+            history_turns = (getattr(vlm.config, "blipdemo", None) or {}).get("history_turns")
         self.history_turns = history_turns
         self.notice = notice
         self.examples_dir = examples_dir
@@ -108,7 +130,7 @@ class Demo:
 
     # ----------------------------------------------------------------------------------------------
     # Checks (in the server process, before anything is queued for the model)
-    def _check(self, image, instruction, options: tuple, template=True) -> tuple:
+    def _check(self, image, instruction, options: tuple, template=True) -> tuple[object, DecodingOptions]:
         """(upright RGB picture, validated decoding options), or a ``gr.Error`` with a message for the user."""
         if image is None:
             raise gr.Error("Upload an image first (or pick an example below).")
@@ -336,10 +358,26 @@ class Demo:
         )
 
     def examples(self) -> list[list[str]]:
+        """[image path, question, earlier turns as text] per example of the manifest (earlier turns: "" or
+        ``earlier_turns_text`` of the example's "history")."""
         if not self.examples_dir or not (self.examples_dir / "examples.json").is_file():
             return []
         manifest = json.loads((self.examples_dir / "examples.json").read_text())
-        return [[str(self.examples_dir / e["image"]), e["question"]] for e in manifest]
+        return [
+            [str(self.examples_dir / e["image"]), e["question"], earlier_turns_text(e.get("history", []))]
+            for e in manifest
+        ]
+
+    @staticmethod
+    def new_chat(earlier: str | None = None):
+        """A new image starts a new chat — with the earlier turns of the example that brought it, if any — and keeps
+        the instruction (an example fills both at once)."""
+        chat = [
+            {"role": role, "content": text}
+            for question, answer in parse_earlier_turns(earlier)
+            for role, text in (("user", question), ("assistant", answer))
+        ]
+        return chat, None, gr.update(visible=False), None, gr.update(choices=[], value=None), ""
 
     def build(self, concurrency_limit: int = 1) -> gr.Blocks:
         """The Blocks app; ``concurrency_limit`` generations run at once (1 = one at a time per model)."""
@@ -424,10 +462,16 @@ class Demo:
                         repetition = gr.Slider(
                             1.0, 3.0, value=d["repetition_penalty"], step=0.05, label="Repetition penalty"
                         )
+            # An example's earlier turns (a two-turn chat): shown in the examples' table, put into the chat with the
+            # example's image (the image's change handler reads them), then cleared.
+            earlier = gr.Textbox(visible=False, label="Earlier in the chat", elem_id="earlier-turns")
             examples = self.examples()
             if examples:
                 gr.Examples(
-                    examples, inputs=[image, instruction], label="Examples (made by this project)", elem_id="examples"
+                    examples,
+                    inputs=[image, instruction, earlier],
+                    label="Examples (made by this project)",
+                    elem_id="examples",
                 )
 
             options = [method, beams, max_new, min_new, top_p, temperature, repetition, length]
@@ -465,10 +509,9 @@ class Demo:
             words.select(self.show_word, [explanation, words], heat, **private)
             show_maps.change(self.toggle_maps, [show_maps, explanation], maps, **private)
             undo.click(self.undo, chat, [chat, instruction], **private)
-            # A new image starts a new chat, but keeps the instruction: an example fills both at once.
-            new_chat = lambda: ([], None, gr.update(visible=False), None, gr.update(choices=[], value=None))
-            image.change(new_chat, None, [chat, explanation, maps, heat, words], **private)
-            clear.click(lambda: ("", *new_chat()), None, [instruction, chat, explanation, maps, heat, words], **private)
+            fresh = [chat, explanation, maps, heat, words, earlier]
+            image.change(self.new_chat, earlier, fresh, **private)
+            clear.click(lambda: ("", *self.new_chat()), None, [instruction, *fresh], **private)
 
             # Named API endpoints: image and instruction first, every other parameter defaulted. The options are
             # plain numbers (not the sliders) so that our validator, which names the parameter and its range,

@@ -143,6 +143,8 @@ def test_python_app_py_with_no_network_starts_on_the_embedded_model_and_answers_
         assert "embedded tiny model" in json.dumps(client.config)
         examples = json.loads((root / "assets" / "examples" / "examples.json").read_text())
         for example in examples:
+            if example.get("history"):  # /ask takes one question; the two-turn example is the browser test's
+                continue
             answer = client.predict(
                 handle_file(str(root / "assets" / "examples" / example["image"])), example["question"], api_name="/ask"
             )

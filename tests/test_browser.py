@@ -94,15 +94,17 @@ def _wait_for_toast(page, text: str) -> None:
 
 @pytest.mark.parametrize("size", WIDTHS)
 def test_each_example_answers_with_send_alone(url, browser, size):
-    """Click an example row, press Send (no typing): the right answer, its words as chips, one turn per picture."""
+    """Click an example row, press Send (no typing): the right answer, its words as chips, one turn per picture (two for
+    the two-turn example, whose first turn the example puts into the chat and whose question follows it up)."""
     ARTIFACTS.mkdir(exist_ok=True)
     page = open_app(browser, url, *WIDTHS[size])
     for i, example in enumerate(examples()):
         # Alternate between clicking the example's picture and its question, as people do both.
         assert click_example(page, i, cell=i % 2) == example["question"], "the example must fill the instruction box"
         page.locator("#send").click()
-        assert read_answer(page, example["answer"]) == example["answer"], example
-        assert bot_messages(page).count() == 1, "a new picture starts a new chat"
+        turns = 1 + len(example.get("history", []))  # a two-turn example brings its first turn into the chat
+        assert read_answer(page, example["answer"], turns=turns) == example["answer"], example
+        assert bot_messages(page).count() == turns, "a new picture starts a new chat (with the example's turns)"
         page.wait_for_function(
             "n => document.querySelectorAll('#words label').length == n",
             arg=1 + len(example["answer"].split()),

@@ -286,7 +286,7 @@ def test_training_loss_matches_reference_and_gradients_reach_every_stage(checkpo
         ref_labels = torch.cat([torch.full((1, q), -100), our_labels], dim=1)
     with torch.no_grad():
         expected = ref(**inputs, labels=ref_labels).loss
-    ours.eval()  # dropout off on both sides; gradients still flow
+    ours.model.eval()  # dropout off on both sides; gradients still flow
     out = ours(
         pixel_values=inputs["pixel_values"],
         input_ids=ids,
@@ -302,11 +302,15 @@ def test_training_loss_matches_reference_and_gradients_reach_every_stage(checkpo
         "qformer.encoder.layer.0.crossattention.attention.key.weight",
         "language_projection.weight",
     ):
-        grad = ours.get_parameter(name).grad
+        grad = ours.model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-def test_a_reader_that_stops_pulling_ends_generation(vlm, images, monkeypatch):
+def test_a_reader_that_stops_pulling_ends_generation(vlm, images, monkeypatch, tmp_path):
+    """The app's GPU entry point: a client gone without a word (its next item never pulled, its generator never
+    closed) ends the generation after gpu.READER_TIMEOUT."""
+    from blipdemo import gpu
+
     steps = []
     real_forward = vlm.language_model.forward
 
@@ -316,12 +320,16 @@ def test_a_reader_that_stops_pulling_ends_generation(vlm, images, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(vlm.language_model, "forward", forward)
+    monkeypatch.setattr(gpu, "READER_TIMEOUT", 0.2)
+    path = tmp_path / "image.png"
+    images[0].save(path)
+    options = blipdemo.DecodingOptions.of(max_new_tokens=200, min_new_tokens=200, num_beams=1)
     before = set(threading.enumerate())
-    stream = vlm.stream(images[0], PROMPT, max_new_tokens=200, min_new_tokens=200, num_beams=1, idle_timeout=0.2)
-    next(stream)  # the reader takes one piece, then never asks again (and never closes the stream)
+    items = gpu.answer(gpu.register(vlm), str(path), PROMPT, [], options, maps=True)
+    next(items)  # the reader takes one piece, then never asks again (and never closes the generator)
     (ours,) = _generation_threads(before)
     ours.join(timeout=10)
     assert not ours.is_alive(), "the generation must end when its reader stops pulling"
     assert len(steps) < 100, f"{len(steps)} of 200 steps ran: the generation was not stopped"
-    rest = list(stream)  # what was produced before the stop is still readable, then the stream ends
-    assert len(rest) < 150
+    rest = list(items)  # what was produced before the stop is still readable, then the answer ends (no maps)
+    assert [kind for kind, _ in rest] == ["text"] * len(rest) and len(rest) < 150

@@ -78,10 +78,10 @@ def test_config_is_read_not_assumed(checkpoint_dir, images):
         image_size=48,
     )
     vlm = blipdemo.load(folder, dtype="float32")
-    assert vlm.vision_model.encoder.layers[0].self_attn.qkv.bias is None
-    assert all(layer.has_cross_attention for layer in vlm.qformer.encoder.layer)
-    assert vlm.query_tokens.shape[1] == 6
-    tokens = vlm.encode_image(vlm.preprocess(images[0]))
+    assert vlm.model.vision_model.encoder.layers[0].self_attn.qkv.bias is None
+    assert all(layer.has_cross_attention for layer in vlm.model.qformer.encoder.layer)
+    assert vlm.model.query_tokens.shape[1] == 6
+    tokens = vlm.model.encode_image(vlm.preprocess(images[0]))
     assert tokens.shape[1] == 1 + (48 // 16) ** 2
 
 

@@ -94,7 +94,7 @@ BF16_VS_REFERENCE_BF16 = 0.1
 @pytest.mark.parametrize("family,lm", COMBOS)
 def test_bfloat16_forward_close_to_reference(loaded, checkpoint_dir, images, family, lm):
     vlm = loaded(family, lm, "bfloat16")
-    assert vlm.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert vlm.model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
     folder = checkpoint_dir(family, lm)
     ref32, inputs, kwargs = _reference_logits(folder, images[0], PROMPTS[0], dtype=torch.float32)
     ref16, _, _ = _reference_logits(folder, images[0], PROMPTS[0], dtype=torch.bfloat16)

@@ -32,9 +32,9 @@ def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     layer = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     quantized = [m for m in vlm.language_model.modules() if isinstance(m, layer)]
     assert quantized, "the LM's linear layers should be bitsandbytes layers"
-    assert not any(isinstance(m, layer) for m in vlm.vision_model.modules())
-    assert vlm.vision_model.encoder.layers[0].self_attn.qkv.weight.dtype == torch.bfloat16
-    assert vlm.qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, layer) for m in vlm.model.vision_model.modules())
+    assert vlm.model.vision_model.encoder.layers[0].self_attn.qkv.weight.dtype == torch.bfloat16
+    assert vlm.model.qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.bfloat16
     assert vlm.load_info["quantization"] == f"{bits}-bit"
     assert vlm.load_info["unquantized"] == []  # every width fits bitsandbytes' kernels: nothing kept in float
     if bits == 4:

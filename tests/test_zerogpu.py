@@ -82,6 +82,8 @@ def test_the_gpu_entry_point_takes_and_gives_plain_data():
 def test_ask_and_stream_answer_through_forked_workers(space, client):
     url, server = space
     for example in examples():
+        if example.get("history"):  # /ask takes one question; the two-turn example goes through the chat
+            continue
         image = handle_file(str(EXAMPLES / example["image"]))
         answer = client.predict(image, example["question"], "Beam search", 1, api_name="/ask")
         assert answer == example["answer"], (example, answer)

@@ -10,8 +10,11 @@ Recipe (the numbers chose it; see the README):
    object (shape, color) that cell holds and whether the patch is on the object; the CLS token learns the
    object count. So the tokens carry *what* and *where* — a ViT taught only attributes forgets where.
 3. Stage 2, InstructBLIP's own training: the ViT frozen (its tokens pre-computed once), the Q-Former,
-   query tokens, projection and LLaMA LM trained with the language-modeling loss on the answers of all six
-   question families. No loss ever touches attention weights: the maps must earn their localization.
+   query tokens, projection and LLaMA LM trained with the language-modeling loss on the answers of every
+   question family (version 2: absent objects, relations and follow-ups too). Half the questions come after
+   up to ``history_turns`` earlier turns of the same chat, built into the prompt by ``blipdemo.prompts``
+   exactly as the app builds it; the saved config says so, and the app keeps that many turns.
+   No loss ever touches attention weights: the maps must earn their localization.
 
 Per-family exact-match accuracy on held-out scenes is logged as training goes (teacher-forced: every
 answer token is the argmax ⇔ greedy decoding returns exactly the answer).
@@ -42,6 +45,8 @@ from transformers import (
 )
 
 from ..model import VisionLanguageModel
+from ..prompts import build_prompt
+from ..service import Service
 from . import scenes
 from .tokenizers import lm_tokenizer, wordpiece_tokenizer
 
@@ -79,12 +84,27 @@ class TinyConfig:
     eval_scenes: int = 600
     vit_steps: int = 2500
     vit_lr: float = 1e-3
-    qa_steps: int = 6000
+    qa_steps: int = 9000
     qa_lr: float = 5e-4
     warmup: int = 200
     batch_size: int = 64
     eval_every: int = 500
+    history_turns: int = 2  # earlier chat turns a question may come after (and the app keeps)
     seed: int = 0
+
+
+# Stage-2 share of each family: the version-2 skills (and relations most) need more examples than the rest.
+FAMILY_WEIGHTS = {
+    "color": 1.0,
+    "shape": 1.0,
+    "count": 0.7,
+    "where": 1.0,
+    "exists": 1.0,
+    "describe": 1.0,
+    "absent": 1.3,
+    "relation": 1.6,
+    "follow-up": 1.4,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +175,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 # --------------------------------------------------------------------------------------------------
 # Model
-def build_model(cfg: TinyConfig, tokenizer, qformer_tokenizer) -> VisionLanguageModel:
+def build_model(cfg: TinyConfig, tokenizer, qformer_tokenizer) -> Service:
     grid = cfg.image_size // cfg.patch_size
     assert grid * cfg.patch_size == cfg.image_size
     text = LlamaConfig(
@@ -200,9 +220,9 @@ def build_model(cfg: TinyConfig, tokenizer, qformer_tokenizer) -> VisionLanguage
         num_query_tokens=cfg.num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    vlm = VisionLanguageModel(config, LlamaForCausalLM(text), tokenizer, qformer_tokenizer)
+    model = VisionLanguageModel(config, LlamaForCausalLM(text))
     with torch.no_grad():  # BERT/ViT-style init where PyTorch's default is not what these layers expect
-        for name, p in vlm.named_parameters():
+        for name, p in model.named_parameters():
             if name.startswith("language_model"):
                 continue
             if (
@@ -213,7 +233,7 @@ def build_model(cfg: TinyConfig, tokenizer, qformer_tokenizer) -> VisionLanguage
                 nn.init.trunc_normal_(p, std=0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-    return vlm
+    return Service(model, tokenizer, qformer_tokenizer)
 
 
 def build_tokenizers(seed: int):
@@ -223,22 +243,40 @@ def build_tokenizers(seed: int):
     for _ in range(3000):
         scene = scenes.sample_scene(rng)
         for family in scenes.FAMILIES:
-            q, a = scenes.ask(scene, family, rng, variant=False)
-            corpus.append(f"{q} {a}")
-            words.update(w.strip("?.,").lower() for w in f"{q} {a}".split())
+            if not scenes.can_ask(scene, family):
+                continue
+            d = scenes.dialogue(scene, family, rng, variant=False)
+            text = " ".join(f"{q} {a}" for q, a in (*d.history, (d.question, d.answer)))
+            corpus.append(text)
+            words.update(w.strip("?.,").lower() for w in text.split())
     return corpus, sorted(words)
+
+
+def sample_dialogue(scene: scenes.Scene, family: str, rng: random.Random, max_turns: int) -> scenes.Dialogue:
+    """A training question: alone half the time, otherwise after 1..max_turns earlier turns of the chat."""
+    turns = 0 if rng.random() < 0.5 else rng.randint(1, max_turns)
+    if family != "follow-up":
+        return scenes.dialogue(scene, family, rng, earlier=turns)
+    turns = max(turns, 1)  # the turn it follows, maybe after follow-ups of its own or an unrelated turn
+    chain = rng.randint(0, turns - 1)
+    return scenes.dialogue(scene, family, rng, earlier=turns - 1 - chain, chain=chain)
 
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2 batches
-def qa_batch(vlm: VisionLanguageModel, items: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Token ids for (question, answer) pairs: LM ids = prompt + answer + EOS, labels only on the answer."""
+def qa_batch(vlm: Service, items: list[scenes.Dialogue]) -> dict[str, torch.Tensor]:
+    """Token ids for questions in their chats: LM ids = prompt + answer + EOS, labels only on the answer.
+
+    The prompt (earlier turns, then the question) is built and tokenized as ``VisionLanguageModel.prepare``
+    does for the app, for the LM and the Q-Former alike.
+    """
     tok, qtok = vlm.tokenizer, vlm.qformer_tokenizer
-    q = qtok([x[0] for x in items], padding=True, return_tensors="pt")
+    prompts = [build_prompt(vlm.family, d.question.strip(), d.history) for d in items]
+    q = qtok(prompts, padding=True, return_tensors="pt", split_special_tokens=True)
     rows, labels = [], []
-    for question, answer in items:
-        prompt = tok(question)["input_ids"]
-        target = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for prompt_text, d in zip(prompts, items, strict=True):
+        prompt = tok(prompt_text, split_special_tokens=True)["input_ids"]
+        target = tok(" " + d.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
     width = max(map(len, rows))
@@ -256,7 +294,7 @@ def qa_batch(vlm: VisionLanguageModel, items: list[tuple[str, str]]) -> dict[str
     }
 
 
-def exact_match(vlm: VisionLanguageModel, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def exact_match(vlm: Service, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row: every answer token is the argmax (⇔ greedy decoding yields exactly the answer)."""
     q = vlm.config.num_query_tokens
     pred = out.logits[:, q - 1 : -1].argmax(-1)  # position t predicts token t of input_ids
@@ -265,23 +303,37 @@ def exact_match(vlm: VisionLanguageModel, out, batch: dict[str, torch.Tensor]) -
     return ok.all(dim=1)
 
 
-def evaluate_teacher_forced(vlm, feats, eval_scenes, seed: int, per_family: int = 100) -> dict[str, float]:
+def pick_scenes(all_scenes: list[scenes.Scene], family: str, n: int, rng: random.Random) -> list[int]:
+    """``n`` random indices of scenes that have a question of ``family`` (relations need two objects)."""
+    picked = []
+    while len(picked) < n:
+        i = rng.randrange(len(all_scenes))
+        if scenes.can_ask(all_scenes[i], family):
+            picked.append(i)
+    return picked
+
+
+def evaluate_teacher_forced(
+    vlm, feats, eval_scenes, seed: int, max_turns: int, per_family: int = 100
+) -> dict[str, float]:
     rng = random.Random(seed)
-    vlm.eval()
+    vlm.model.eval()
     result = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for family in scenes.FAMILIES:
-            idx = [rng.randrange(len(eval_scenes)) for _ in range(per_family)]
-            items = [scenes.ask(eval_scenes[i], family, rng) for i in idx]
+            idx = pick_scenes(eval_scenes, family, per_family, rng)
+            items = [sample_dialogue(eval_scenes[i], family, rng, max_turns) for i in idx]
             batch = qa_batch(vlm, items)
             out = vlm(image_embeds=feats[idx].float(), **batch)
             result[family] = exact_match(vlm, out, batch).float().mean().item()
-    vlm.train()
+    vlm.model.train()
     return result
 
 
 # --------------------------------------------------------------------------------------------------
 def train(cfg: TinyConfig, out_dir: Path) -> dict:
+    if cfg.history_turns < 1:
+        raise ValueError("history_turns must be at least 1: a follow-up needs the turn it follows.")
     start = time.time()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -297,7 +349,7 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     tokenizer = processor.tokenizer  # with the <image> placeholder the transformers processor adds
     vlm = build_model(cfg, tokenizer, qformer_tokenizer)
     vlm.image_processor = image_processor
-    print(f"parameters: {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f} M")
+    print(f"parameters: {sum(p.numel() for p in vlm.model.parameters()) / 1e6:.2f} M")
 
     train_scenes, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, image_processor)
     eval_scenes, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, image_processor)
@@ -308,7 +360,7 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
 
     # Stage 1: the ViT with per-patch heads.
     heads = VisionHeads(cfg.vision_width)
-    params = list(vlm.vision_model.parameters()) + list(heads.parameters())
+    params = list(vlm.model.vision_model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vit_lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.vit_steps), desc="stage 1 (ViT)")
@@ -317,7 +369,7 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
             g["lr"] = lr_at(step, cfg.vit_steps, cfg.vit_lr, cfg.warmup)
         idx = torch.randint(len(train_scenes), (cfg.batch_size,), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            tokens = vlm.vision_model(train_pix[idx].float())
+            tokens = vlm.model.vision_model(train_pix[idx].float())
         loss, accs = heads.losses(tokens, {k: v[idx] for k, v in stacked.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -328,15 +380,15 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     stage1 = accs
 
     # Stage 2: freeze the ViT, pre-compute its tokens, train Q-Former + projection + LM on the answers.
-    vlm.vision_model.requires_grad_(False).eval()
+    vlm.model.vision_model.requires_grad_(False).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         train_feats = torch.cat(
-            [vlm.vision_model(train_pix[i : i + 500].float()).bfloat16() for i in range(0, len(train_pix), 500)]
+            [vlm.model.vision_model(train_pix[i : i + 500].float()).bfloat16() for i in range(0, len(train_pix), 500)]
         )
         eval_feats = torch.cat(
-            [vlm.vision_model(eval_pix[i : i + 500].float()).bfloat16() for i in range(0, len(eval_pix), 500)]
+            [vlm.model.vision_model(eval_pix[i : i + 500].float()).bfloat16() for i in range(0, len(eval_pix), 500)]
         )
-    params = [p for n, p in vlm.named_parameters() if not n.startswith("vision_model")]
+    params = [p for n, p in vlm.model.named_parameters() if not n.startswith("vision_model")]
     opt = torch.optim.AdamW(params, lr=cfg.qa_lr, weight_decay=0.01)
     rng = random.Random(cfg.seed + 3)
     history = []
@@ -344,8 +396,12 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.qa_steps, cfg.qa_lr, cfg.warmup)
-        idx = [rng.randrange(len(train_scenes)) for _ in range(cfg.batch_size)]
-        items = [scenes.ask(train_scenes[i], rng.choice(scenes.FAMILIES), rng) for i in idx]
+        families = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()), k=cfg.batch_size)
+        idx = [pick_scenes(train_scenes, family, 1, rng)[0] for family in families]
+        items = [
+            sample_dialogue(train_scenes[i], family, rng, cfg.history_turns)
+            for i, family in zip(idx, families, strict=True)
+        ]
         batch = qa_batch(vlm, items)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = vlm(image_embeds=train_feats[idx].float(), **batch)
@@ -356,11 +412,13 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.qa_steps:
-            accs = evaluate_teacher_forced(vlm, eval_feats, eval_scenes, cfg.seed + 5)
+            accs = evaluate_teacher_forced(vlm, eval_feats, eval_scenes, cfg.seed + 5, cfg.history_turns)
             history.append({"step": step + 1, **accs})
             tqdm.write(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in accs.items()))
 
     minutes = (time.time() - start) / 60
+    # What the app reads to decide how many earlier turns go into a prompt (no special case for this model).
+    vlm.config.blipdemo = {"history_turns": cfg.history_turns}
     save(vlm, processor, out_dir)
     report = {"config": asdict(cfg), "stage1": stage1, "history": history, "minutes": round(minutes, 1)}
     (out_dir / "training_log.json").write_text(json.dumps(report, indent=1))
@@ -368,11 +426,11 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     return report
 
 
-def save(vlm: VisionLanguageModel, processor, out_dir: Path) -> None:
+def save(vlm: Service, processor, out_dir: Path) -> None:
     """Write the checkpoint in the published InstructBLIP layout (what save_pretrained writes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {"query_tokens": vlm.query_tokens}
-    for prefix, module in vlm.core_modules().items():
+    state = {"query_tokens": vlm.model.query_tokens}
+    for prefix, module in vlm.model.core_modules().items():
         state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
     state.update({f"language_model.{k}": v for k, v in vlm.language_model.state_dict().items()})
     save_file(

@@ -1,0 +1,331 @@
+"""Generation for a batch of requests: one ``generate`` call, each row with its own length, stop, time limit and stream.
+
+A request (``Request``) is prepared in its caller's thread (image, prompt, options: every error the user can cause
+is raised there, before any model work) and then decoded by ``run_batch``, alone or next to other requests:
+
+- the images not yet cached go through the ViT together, the Q-Former and projection run on the batch;
+- decoder-only LMs get the rows left-padded ([pad ; queries ; prompt], generate derives the positions from the
+  mask), T5 gets them right-padded in its encoder;
+- ``_Rows`` (a stopping criterion) ends each row at its own ``max_new_tokens``, Stop, time limit or EOS; a row that
+  ends gets padding from then on and its stream closes at once; ``generate`` returns when every row has ended;
+- ``_RowMinNewTokens`` holds back EOS per row when the rows' ``min_new_tokens`` differ;
+- ``_Streams`` receives each step's tokens (B,) and hands each row's token to that request's
+  ``TextIteratorStreamer``, which turns ids into text exactly as for a lone request.
+
+``Scheduler`` owns the waiting requests when batching is on: a worker thread takes the oldest waiting request and
+every other waiting request that can share its decoding (``DecodingOptions.batch_key``), up to ``max_batch_size``,
+and runs them as one batch. There is no waiting window: an idle model starts a lone request at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .decoding import DecodingOptions
+
+
+@dataclass
+class PreparedInputs:
+    """One request's model inputs, before the image tokens (which the batch computes, or the cache has)."""
+
+    image: object  # the upright RGB PIL picture, as the user gave it (size and orientation)
+    pixel_values: torch.Tensor  # (1, 3, H, W)
+    image_key: str  # content hash of pixel_values: the image-token cache's key
+    prompt: str  # the full text given to the LM (and to the Q-Former for InstructBLIP)
+    input_ids: torch.Tensor  # (1, T) LM prompt ids, no image placeholders
+    qformer_input_ids: torch.Tensor | None  # (1, Tq) InstructBLIP only
+    max_new_tokens: int  # the answer room: the request's max_new_tokens, cut to what the LM's limit leaves
+
+
+@dataclass
+class Request:
+    """A prepared request on its way through a batch; its caller waits on ``done`` or reads ``streamer``."""
+
+    inputs: PreparedInputs
+    options: DecodingOptions
+    key: tuple | None  # DecodingOptions.batch_key: equal keys share a batch; None decodes alone
+    stop: threading.Event = field(default_factory=threading.Event)  # set by the caller: Stop, or it left
+    external_stop: threading.Event | None = None  # the caller's own switch, only watched
+    time_limit: float | None = None  # seconds of generation, counted from the start of its batch
+    streamer: object | None = None  # a TextIteratorStreamer, for streaming callers
+    ids: list[int] = field(default_factory=list)  # generated ids so far (EOS included when reached)
+    ended: bool = False  # its row is over (the batch may go on for the others)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    _deadline: float | None = None
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or (self.external_stop is not None and self.external_stop.is_set())
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End this request (once): its stream closes, its waiter wakes up."""
+        if self.done.is_set():
+            return
+        if error is not None:
+            self.error = error
+        if self.streamer is not None:
+            self.streamer.end()
+        self.done.set()
+
+
+class _Rows(StoppingCriteria):
+    """Per-row end of generation: EOS, the row's own max_new_tokens, its Stop switch or its time limit; an ended row's
+    request is finished at once (its stream closes) unless ``finish`` is False (beam search, whose text comes at
+    the end). Beam search runs alone: all ``input_ids`` rows (its beams) belong to the one request."""
+
+    def __init__(self, requests: list[Request], eos: set[int], finish: bool = True) -> None:
+        self.requests = requests
+        self.eos = eos
+        self.finish = finish
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        now = time.monotonic()
+        for request in self.requests:
+            if request.ended:
+                continue
+            request.ended = bool(
+                (request.ids and request.ids[-1] in self.eos)
+                or len(request.ids) >= request.inputs.max_new_tokens
+                or request.stopped()
+                or (request._deadline is not None and now > request._deadline)
+            )
+            if request.ended and self.finish:
+                request.finish()
+        if len(self.requests) == 1:
+            return torch.full((input_ids.shape[0],), self.requests[0].ended, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([r.ended for r in self.requests], dtype=torch.bool, device=input_ids.device)
+
+
+class _RowMinNewTokens(LogitsProcessor):
+    """EOS is not allowed before each row's own ``min_new_tokens`` (transformers' processor has one value for all)."""
+
+    def __init__(self, requests: list[Request], eos: list[int]) -> None:
+        self.minimum = [r.options.min_new_tokens or 0 for r in requests]
+        self.requests = requests
+        self.eos = eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        early = [i for i, r in enumerate(self.requests) if len(r.ids) < self.minimum[i]]
+        if early and self.eos:
+            scores[
+                torch.tensor(early, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)
+            ] = -float("inf")
+        return scores
+
+
+class _Streams:
+    """``generate``'s streamer for a batch: each step's tokens (B,) go to their requests (ids and text stream)."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompt or the decoder start (T5): not the answer
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        for request, token in zip(self.requests, tokens, strict=True):
+            if request.ended:
+                continue  # an ended row: its tokens are padding now
+            request.ids.append(token)
+            if request.streamer is not None:
+                request.streamer.put(torch.tensor([token]))
+
+    def end(self) -> None:
+        pass  # each request's stream ends with its row (``_Rows``) or after the batch (``run_batch``)
+
+
+def _eos_ids(generation_config) -> list[int]:
+    eos = generation_config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+
+
+def run_batch(service, requests: list[Request]) -> None:
+    """Decode ``requests`` (which share a ``batch_key``, or one request) as one batch; never raises: a failure ends
+    each request with its error."""
+    live = []
+    for request in requests:
+        if request.stopped():  # stopped while it waited: nothing to do
+            request.finish()
+        else:
+            live.append(request)
+    if not live:
+        return
+    try:
+        with torch.inference_mode():
+            _generate(service, live)
+    except BaseException as e:  # handed to each caller, who raises it in its own thread
+        for request in live:
+            request.finish(e)
+        if not isinstance(e, Exception):
+            raise
+    else:
+        for request in live:
+            request.finish()
+
+
+def generate_kwargs(service, requests: list[Request]) -> dict:
+    """``generate`` keyword arguments for a batch (one row per request): query + prompt embeddings, mask, and the
+    decoder-only LM's matching ids, with the shared decoding options; the per-row limits are ``run_batch``'s."""
+    model = service.model
+    gen_cfg = model.language_model.generation_config
+    image_embeds = service.image_tokens([r.inputs for r in requests])  # (B, N, Dv)
+    qformer_ids = qformer_mask = None
+    if model.family == "instructblip":
+        qformer_pad = service.qformer_tokenizer.pad_token_id or 0
+        qformer_ids, qformer_mask = _pad([r.inputs.qformer_input_ids[0] for r in requests], qformer_pad, left=False)
+    query_embeds = model.query_outputs(image_embeds, qformer_ids, qformer_mask)  # (B, Q, Dq)
+
+    pad_id = service.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (_eos_ids(gen_cfg) or [0])[0]
+    # Decoder-only LMs continue the sequence: pad on the left so every row's prompt ends at the last position.
+    left = not model.is_encoder_decoder
+    ids, mask = _pad([r.inputs.input_ids[0] for r in requests], pad_id, left=left)
+    embeds, _ = model.language_inputs(query_embeds, ids)  # (B, Q + T, D): [queries ; padded prompt]
+    num_queries = query_embeds.shape[1]
+    if left:
+        # The queries sit between the padding and the prompt: [pad ; queries ; prompt], mask [0 ; 1 ; 1].
+        embeds = _queries_after_padding(embeds, mask, num_queries)
+    options = requests[0].options.kwargs()
+    options.pop("min_new_tokens", None)
+    kwargs = dict(
+        options,
+        inputs_embeds=embeds,
+        attention_mask=_mask_with_queries(mask, num_queries, left).to(embeds.device),
+        max_new_tokens=max(r.inputs.max_new_tokens for r in requests),
+        pad_token_id=gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else pad_id,
+    )
+    minimums = {min(r.options.min_new_tokens or 0, r.inputs.max_new_tokens) for r in requests}
+    if len(minimums) == 1:
+        kwargs["min_new_tokens"] = minimums.pop()  # transformers' own processor, as for a lone request
+    else:
+        kwargs["logits_processor"] = LogitsProcessorList([_RowMinNewTokens(requests, _eos_ids(gen_cfg))])
+    if left:
+        # The reference passes ids for the query positions too (its <image> placeholders): generate's repetition
+        # penalty and the returned sequence see the same ids here.
+        placeholder = model.config.image_token_index
+        if placeholder is None:
+            placeholder = service.tokenizer.pad_token_id or 0
+        kwargs["input_ids"] = _ids_with_queries(ids, mask, num_queries, placeholder, pad_id).to(embeds.device)
+    return kwargs
+
+
+def _generate(service, requests: list[Request]) -> None:
+    model = service.model
+    lm = model.language_model
+    kwargs = generate_kwargs(service, requests)
+    start = time.monotonic()
+    for request in requests:
+        request._deadline = start + request.time_limit if request.time_limit else None
+    beams = (requests[0].options.resolved(lm.generation_config)["num_beams"] or 1) if len(requests) == 1 else 1
+    eos = set(_eos_ids(lm.generation_config))
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_Rows(requests, eos, finish=beams == 1)])
+    if beams > 1:  # beam search (alone): beams change their mind, so only the end is final
+        output = lm.generate(**kwargs)
+        new = output[0] if model.is_encoder_decoder else output[0, kwargs["input_ids"].shape[1] :]
+        request = requests[0]
+        request.ids = new.tolist()
+        if request.streamer is not None:
+            request.streamer.text_queue.put(service.decode(new))
+    else:
+        lm.generate(**kwargs, streamer=_Streams(requests))
+
+
+def _pad(rows: list[torch.Tensor], value: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id rows → (B, T) ids padded with ``value`` on the left or right, and the (B, T) mask of real ids."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+def _mask_with_queries(mask: torch.Tensor, num_queries: int, left: bool) -> torch.Tensor:
+    """The prompt mask (B, T) → the LM's mask (B, Q + T): queries count as real positions, next to their prompt."""
+    ones = torch.ones((mask.shape[0], num_queries), dtype=mask.dtype)
+    if not left:
+        return torch.cat([ones, mask], dim=1)  # [queries ; prompt ; pad]
+    padding = (mask == 0).sum(1).tolist()
+    out = torch.zeros((mask.shape[0], num_queries + mask.shape[1]), dtype=mask.dtype)
+    for i, n in enumerate(padding):
+        out[i, n:] = 1  # [pad ; queries ; prompt]
+    return out
+
+
+def _queries_after_padding(embeds: torch.Tensor, mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """language_inputs gives [queries ; pad ; prompt] (B, Q + T, D); move each row's padding to the front."""
+    out = torch.empty_like(embeds)
+    for i, n in enumerate((mask == 0).sum(1).tolist()):
+        out[i] = torch.cat(
+            [embeds[i, num_queries : num_queries + n], embeds[i, :num_queries], embeds[i, num_queries + n :]]
+        )
+    return out
+
+
+def _ids_with_queries(
+    ids: torch.Tensor, mask: torch.Tensor, num_queries: int, placeholder: int, pad: int
+) -> torch.Tensor:
+    """Left-padded prompt ids (B, T) → (B, Q + T): [pad ; placeholder × Q ; prompt], aligned with the embeddings."""
+    out = torch.full((ids.shape[0], num_queries + ids.shape[1]), pad, dtype=torch.long)
+    for i, n in enumerate((mask == 0).sum(1).tolist()):
+        out[i, n : n + num_queries] = placeholder
+        out[i, n + num_queries :] = ids[i, n:]
+    return out
+
+
+class Scheduler:
+    """Merges concurrent requests into batches of up to ``max_batch_size`` (see the module's docstring)."""
+
+    def __init__(self, run: Callable[[list[Request]], None], max_batch_size: int) -> None:
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self._pending: list[Request] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self.batches = 0  # batches run so far, and the rows they held (tests and benchmarks read these)
+        self.rows = 0
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; it starts with the next batch (at once when the model is idle)."""
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or a forked child (threads don't fork)
+                self._pending = []
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="blipdemo-batches", daemon=True)
+                self._thread.start()
+            self._pending.append(request)
+            self._cond.notify()
+
+    def _take(self) -> list[Request]:
+        first = self._pending.pop(0)
+        batch = [first]
+        if first.key is not None:
+            for request in list(self._pending):
+                if len(batch) == self.max_batch_size:
+                    break
+                if request.key == first.key:
+                    batch.append(request)
+                    self._pending.remove(request)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch = self._take()
+            self.batches += 1
+            self.rows += len(batch)
+            self.run(batch)

@@ -1,0 +1,249 @@
+"""Batching: concurrent requests decode together, and each keeps its own answer, length, stop and errors.
+
+The reference for a request in a batch is the same request alone (whose answers match transformers, see
+test_parity.py): float32, greedy, prompts of different lengths, images of different sizes, both LM kinds.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import blipdemo
+from blipdemo.batching import run_batch
+from blipdemo.decoding import DecodingOptions
+
+PROMPTS = ["What is in the image?", "Describe it in detail, please, and say what colors you see.", "Where?"]
+GREEDY = dict(num_beams=1, do_sample=False)
+
+
+def _requests(vlm, images, lengths, minimums=None):
+    minimums = minimums or [None] * len(lengths)
+    out = []
+    for i, (n, m) in enumerate(zip(lengths, minimums, strict=True)):
+        options = DecodingOptions.of(max_new_tokens=n, min_new_tokens=m, **GREEDY)
+        inputs = vlm.prepare(images[i % len(images)], PROMPTS[i % len(PROMPTS)], max_new_tokens=n)
+        out.append(vlm._request(inputs, options))
+    return out
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_greedy_rows_of_a_batch_answer_as_alone(checkpoint_dir, images, family, lm):
+    vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32")
+    lengths, minimums = [12, 5, 9, 12], [12, None, 3, 6]  # each row its own max_new_tokens and min_new_tokens
+    requests = _requests(vlm, images, lengths, minimums)
+    assert len({r.inputs.input_ids.shape[1] for r in requests}) > 1, "the prompts must differ in length"
+    run_batch(vlm, requests)
+    for i, request in enumerate(requests):
+        assert request.error is None
+        alone = vlm.generate_ids(
+            images[i % len(images)],
+            PROMPTS[i % len(PROMPTS)],
+            max_new_tokens=lengths[i],
+            min_new_tokens=minimums[i],
+            **GREEDY,
+        )
+        assert request.ids == alone.tolist(), f"row {i}"
+        assert len(request.ids) <= lengths[i]
+        if minimums[i]:
+            assert len(request.ids) >= minimums[i]
+
+
+def test_8bit_rows_answer_as_alone(checkpoint_dir, images):
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama", lm_width=64), dtype="float32", load_in_8bit=True)
+    requests = _requests(vlm, images, [8, 8, 8])
+    run_batch(vlm, requests)
+    for i, request in enumerate(requests):
+        alone = vlm.generate_ids(images[i], PROMPTS[i], max_new_tokens=8, **GREEDY)
+        assert request.ids == alone.tolist()
+
+
+def test_the_vit_runs_once_for_the_new_images_of_a_batch(checkpoint_dir, images):
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
+    vlm.ask(images[0], PROMPTS[0], max_new_tokens=2, **GREEDY)  # image 0 is cached now
+    calls = vlm.vision_calls
+    run_batch(vlm, _requests(vlm, images, [2, 2, 2]))
+    assert vlm.vision_calls == calls + 1  # images 1 and 2 together, image 0 from the cache
+
+
+class Gate:
+    """Holds the LM's first forward call until ``open()``: requests sent meanwhile wait for the model together."""
+
+    def __init__(self, vlm, monkeypatch) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.batch_sizes = []
+        forward = vlm.language_model.forward
+
+        def gated(*args, **kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and not kwargs.get("past_key_values"):
+                self.batch_sizes.append(embeds.shape[0])  # the first step of a generate call: its batch
+            self.entered.set()
+            self.release.wait(timeout=30)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(vlm.language_model, "forward", gated)
+
+    def open(self) -> None:
+        self.release.set()
+
+
+def _in_threads(fns):
+    results, threads = [None] * len(fns), []
+    for i, fn in enumerate(fns):
+
+        def run(i=i, fn=fn):
+            try:
+                results[i] = fn()
+            except Exception as e:  # noqa: BLE001 - the test looks at it
+                results[i] = e
+
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+    return results, threads
+
+
+@pytest.fixture
+def batched(checkpoint_dir):
+    return blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32", max_batch_size=4)
+
+
+def _wait_pending(vlm, n: int) -> None:
+    for _ in range(3000):
+        with vlm.scheduler._cond:
+            if len(vlm.scheduler._pending) >= n:
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{n} requests never queued")
+
+
+def test_concurrent_asks_share_a_batch_and_answer_as_alone(batched, images, monkeypatch):
+    alone = [batched.ask(images[i], PROMPTS[i], max_new_tokens=10, **GREEDY) for i in range(3)]
+    gate = Gate(batched, monkeypatch)
+    first, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=3, **GREEDY)])
+    assert gate.entered.wait(10)  # the model is busy with the first request
+    asks = [lambda i=i: batched.ask(images[i], PROMPTS[i], max_new_tokens=10, **GREEDY) for i in range(3)]
+    results, threads = _in_threads(asks)
+    _wait_pending(batched, 3)
+    gate.open()
+    for t in t0 + threads:
+        t.join(30)
+    assert results == alone
+    assert gate.batch_sizes[:2] == [1, 3]  # the lone first request started at once; the three waited together
+
+
+def test_a_stopped_row_ends_alone(batched, images, monkeypatch):
+    alone = [batched.ask(images[i], PROMPTS[i], max_new_tokens=12, min_new_tokens=12, **GREEDY) for i in range(3)]
+    gate = Gate(batched, monkeypatch)
+    _, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=2, **GREEDY)])
+    assert gate.entered.wait(10)
+    streams = [batched.stream(images[i], PROMPTS[i], max_new_tokens=12, min_new_tokens=12, **GREEDY) for i in range(3)]
+    stopped = []
+
+    def read_one_then_leave():
+        stopped.append(next(streams[1]))
+        streams[1].close()  # the user pressed Stop: this row ends, the others go on
+        return "left"
+
+    fns = [lambda: "".join(streams[0]), read_one_then_leave, lambda: "".join(streams[2])]
+    results, threads = _in_threads(fns)
+    _wait_pending(batched, 3)
+    gate.open()
+    for t in t0 + threads:
+        t.join(30)
+    assert results[0].strip() == alone[0] and results[2].strip() == alone[2]
+    assert results[1] == "left" and stopped and len(stopped[0]) < len(alone[1])
+
+
+def test_a_bad_request_fails_alone(batched, images, monkeypatch):
+    alone = [batched.ask(images[i], PROMPTS[i], max_new_tokens=6, **GREEDY) for i in range(2)]
+    fns = [
+        lambda: batched.ask(images[0], PROMPTS[0], max_new_tokens=6, **GREEDY),
+        lambda: batched.ask(b"not an image", PROMPTS[0], max_new_tokens=6, **GREEDY),
+        lambda: batched.ask(images[1], PROMPTS[1], max_new_tokens=6, top_p=7.0, do_sample=True),
+        lambda: batched.ask(images[1], PROMPTS[1], max_new_tokens=6, **GREEDY),
+    ]
+    results, threads = _in_threads(fns)
+    for t in threads:
+        t.join(30)
+    assert results[0] == alone[0] and results[3] == alone[1]
+    assert isinstance(results[1], blipdemo.ImageError)
+    assert isinstance(results[2], ValueError) and "top_p" in str(results[2])
+
+
+def test_a_failing_batch_fails_its_rows_and_the_next_request_is_served(batched, images, monkeypatch):
+    real = batched.language_model.generate
+    failures = [RuntimeError("boom")]
+
+    def generate(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched.language_model, "generate", generate)
+    with pytest.raises(RuntimeError, match="boom"):
+        batched.ask(images[0], PROMPTS[0], max_new_tokens=4, **GREEDY)
+    assert batched.ask(images[0], PROMPTS[0], max_new_tokens=4, **GREEDY)  # the scheduler is still there
+
+
+def test_beam_search_and_sampling_do_not_share_a_greedy_batch(batched, images, monkeypatch):
+    beam_alone = batched.ask(images[1], PROMPTS[1], max_new_tokens=6, num_beams=3)
+    greedy_alone = batched.ask(images[2], PROMPTS[2], max_new_tokens=6, **GREEDY)
+    gate = Gate(batched, monkeypatch)
+    _, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=2, **GREEDY)])
+    assert gate.entered.wait(10)
+    fns = [
+        lambda: batched.ask(images[1], PROMPTS[1], max_new_tokens=6, num_beams=3),
+        lambda: batched.ask(images[0], PROMPTS[0], max_new_tokens=6, do_sample=True, top_p=0.9),
+        lambda: batched.ask(images[2], PROMPTS[2], max_new_tokens=6, **GREEDY),
+    ]
+    results, threads = _in_threads(fns)
+    _wait_pending(batched, 3)
+    gate.open()
+    for t in t0 + threads:
+        t.join(30)
+    assert results[0] == beam_alone and results[2] == greedy_alone and isinstance(results[1], str)
+    assert gate.batch_sizes[1:] == [3, 1, 1] or sorted(gate.batch_sizes[1:]) == [1, 1, 1]
+
+
+def test_explain_leaves_the_attention_of_concurrent_generations_alone(batched, images, monkeypatch):
+    """The map pass records the LM's weights in its own thread; generation keeps its implementation throughout."""
+    lm = batched.language_model
+    alone = batched.ask(images[2], PROMPTS[2], max_new_tokens=24, min_new_tokens=24, **GREEDY)
+    seen = []
+    forward = lm.forward
+
+    def slow(*args, **kwargs):  # 20 ms a step, so that the maps below are made while the answer is being generated
+        seen.append(lm.config._attn_implementation)
+        threading.Event().wait(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "forward", slow)
+    stream = batched.stream(images[2], PROMPTS[2], max_new_tokens=24, min_new_tokens=24, **GREEDY)
+    text = next(stream)
+    explanations = [batched.explain(images[0], PROMPTS[0], answer="red and green") for _ in range(3)]
+    steps_during_maps = len(seen)
+    text += "".join(stream)
+    assert text.strip() == alone
+    assert 3 <= steps_during_maps < len(seen), "the maps were not made while the answer was being generated"
+    assert set(seen) == {"blipdemo:sdpa"}
+    assert all(abs(e.image_map.sum() - 1) < 1e-6 for e in explanations)
+
+
+def test_max_batch_size_is_checked(checkpoint_dir):
+    for bad in (0, -1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            blipdemo.load(checkpoint_dir("instructblip", "llama"), max_batch_size=bad)
+
+
+def test_reference_alone_matches_transformers_sanity(checkpoint_dir, images):
+    """Batching builds on the lone path: check it once more here against the transformers reference."""
+    from reference import reference_answer
+
+    folder = checkpoint_dir("instructblip", "llama")
+    vlm = blipdemo.load(folder, dtype="float32", max_batch_size=4)
+    ours = vlm.ask(images[1], PROMPTS[1], max_new_tokens=8, **GREEDY)
+    assert ours == reference_answer(folder, images[1], PROMPTS[1], max_new_tokens=8, **GREEDY)
+    assert torch.is_tensor(vlm.generate_ids(images[1], PROMPTS[1], max_new_tokens=2, **GREEDY))
