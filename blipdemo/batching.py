@@ -6,11 +6,11 @@ is raised there, before any model work) and then decoded by ``run_batch``, alone
 - the images not yet cached go through the ViT together, the Q-Former and projection run on the batch;
 - decoder-only LMs get the rows left-padded ([pad ; queries ; prompt], generate derives the positions from the
   mask), T5 gets them right-padded in its encoder;
-- ``_Rows`` (a stopping criterion) ends each row at its own ``max_new_tokens``, Stop, time limit or EOS; a row that
-  ends gets padding from then on and its stream closes at once; ``generate`` returns when every row has ended;
-- ``_RowMinNewTokens`` holds back EOS per row when the rows' ``min_new_tokens`` differ;
-- ``_Streams`` receives each step's tokens (B,) and hands each row's token to that request's
-  ``TextIteratorStreamer``, which turns ids into text exactly as for a lone request.
+- ``_Rows`` (a stopping criterion, which ``generate`` calls after every step with the ids so far) hands each row's
+  new token to its request — its ids, and its ``TextIteratorStreamer``, which turns ids into text exactly as for a
+  lone request — and ends each row at its own ``max_new_tokens``, Stop, time limit or EOS; a row that ends gets
+  padding from then on and its stream closes at once; ``generate`` returns when every row has ended;
+- ``_RowMinNewTokens`` holds back EOS per row when the rows' ``min_new_tokens`` differ.
 
 ``Scheduler`` owns the waiting requests when batching is on: a worker thread takes the oldest waiting request and
 every other waiting request that can share its decoding (``DecodingOptions.batch_key``), up to ``max_batch_size``,
@@ -76,27 +76,34 @@ class Request:
 
 
 class _Rows(StoppingCriteria):
-    """Per-row end of generation: EOS, the row's own max_new_tokens, its Stop switch or its time limit; an ended row's
-    request is finished at once (its stream closes) unless ``finish`` is False (beam search, whose text comes at
-    the end). Beam search runs alone: all ``input_ids`` rows (its beams) belong to the one request."""
+    """Called by ``generate`` after every step with the ids so far (B, T): hands each live row its new token (the
+    request's ids and text stream) and ends rows — EOS, the row's own max_new_tokens, its Stop switch or its time
+    limit. An ended row's request is finished at once (its stream closes) and gets padding from then on.
 
-    def __init__(self, requests: list[Request], eos: set[int], finish: bool = True) -> None:
+    Beam search (``record=False``) runs alone: its beams change their mind, so nothing is recorded or streamed per
+    step (its text comes at the end), and all ``input_ids`` rows (the beams) share the one request's end."""
+
+    def __init__(self, requests: list[Request], eos: set[int], record: bool = True) -> None:
         self.requests = requests
         self.eos = eos
-        self.finish = finish
+        self.record = record
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         now = time.monotonic()
-        for request in self.requests:
+        newest = input_ids[:, -1].tolist() if self.record else None
+        for i, request in enumerate(self.requests):
             if request.ended:
                 continue
+            if self.record:
+                request.ids.append(newest[i])
+                if request.streamer is not None:
+                    request.streamer.put(torch.tensor([newest[i]]))
             request.ended = bool(
-                (request.ids and request.ids[-1] in self.eos)
-                or len(request.ids) >= request.inputs.max_new_tokens
+                (self.record and (newest[i] in self.eos or len(request.ids) >= request.inputs.max_new_tokens))
                 or request.stopped()
                 or (request._deadline is not None and now > request._deadline)
             )
-            if request.ended and self.finish:
+            if request.ended and self.record:
                 request.finish()
         if len(self.requests) == 1:
             return torch.full((input_ids.shape[0],), self.requests[0].ended, dtype=torch.bool, device=input_ids.device)
@@ -118,29 +125,6 @@ class _RowMinNewTokens(LogitsProcessor):
                 torch.tensor(early, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)
             ] = -float("inf")
         return scores
-
-
-class _Streams:
-    """``generate``'s streamer for a batch: each step's tokens (B,) go to their requests (ids and text stream)."""
-
-    def __init__(self, requests: list[Request]) -> None:
-        self.requests = requests
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate first hands over the prompt or the decoder start (T5): not the answer
-            self.prompt_seen = True
-            return
-        tokens = value.reshape(-1).tolist()
-        for request, token in zip(self.requests, tokens, strict=True):
-            if request.ended:
-                continue  # an ended row: its tokens are padding now
-            request.ids.append(token)
-            if request.streamer is not None:
-                request.streamer.put(torch.tensor([token]))
-
-    def end(self) -> None:
-        pass  # each request's stream ends with its row (``_Rows``) or after the batch (``run_batch``)
 
 
 def _eos_ids(generation_config) -> list[int]:
@@ -228,7 +212,7 @@ def _generate(service, requests: list[Request]) -> None:
         request._deadline = start + request.time_limit if request.time_limit else None
     beams = (requests[0].options.resolved(lm.generation_config)["num_beams"] or 1) if len(requests) == 1 else 1
     eos = set(_eos_ids(lm.generation_config))
-    kwargs["stopping_criteria"] = StoppingCriteriaList([_Rows(requests, eos, finish=beams == 1)])
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_Rows(requests, eos, record=beams == 1)])
     if beams > 1:  # beam search (alone): beams change their mind, so only the end is final
         output = lm.generate(**kwargs)
         new = output[0] if model.is_encoder_decoder else output[0, kwargs["input_ids"].shape[1] :]
@@ -237,7 +221,7 @@ def _generate(service, requests: list[Request]) -> None:
         if request.streamer is not None:
             request.streamer.text_queue.put(service.decode(new))
     else:
-        lm.generate(**kwargs, streamer=_Streams(requests))
+        lm.generate(**kwargs)  # the tokens reach their requests through _Rows, step by step
 
 
 def _pad(rows: list[torch.Tensor], value: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
