@@ -25,20 +25,24 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-_recorder = threading.local()  # per thread: {module: [probs, ...]} while recording, else absent
+_recorder = threading.local()  # per thread: .records {module: [probs, ...]} while recording; .in_graph
 
 
 @contextmanager
-def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[torch.Tensor]]]:
+def recording(modules: list[nn.Module], in_graph: bool = False) -> Iterator[dict[nn.Module, list[torch.Tensor]]]:
     """Within the block, the calling thread's calls of ``modules`` append their attention probabilities
-    (B, nh, Tq, Tk) to ``records[module]``; other threads keep the fast SDPA path."""
+    (B, nh, Tq, Tk) to ``records[module]``; other threads keep the fast SDPA path.
+
+    The module's output is always computed from the recorded probabilities (``probs @ v``). ``in_graph``: they are
+    kept with their autograd graph (run under ``torch.enable_grad()``), so that gradients with respect to them can
+    be taken; otherwise they are detached."""
     records: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in modules}
-    previous = getattr(_recorder, "records", None)
-    _recorder.records = records
+    previous = getattr(_recorder, "records", None), getattr(_recorder, "in_graph", False)
+    _recorder.records, _recorder.in_graph = records, in_graph
     try:
         yield records
     finally:
-        _recorder.records = previous
+        _recorder.records, _recorder.in_graph = previous
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -71,7 +75,9 @@ class QFormerMultiHeadAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             probs = scores.softmax(-1)
-            records[self].append(probs.detach())
+            if _recorder.in_graph and torch.is_grad_enabled() and not probs.requires_grad:
+                probs.requires_grad_()  # nothing upstream needs a gradient: a leaf of the graph, the output hangs on it
+            records[self].append(probs if _recorder.in_graph else probs.detach())
             out = probs @ v
         else:
             dropout = self.dropout_p if self.training else 0.0
@@ -231,3 +237,8 @@ class QFormerModel(nn.Module):
     def cross_attention_modules(self) -> list[QFormerMultiHeadAttention]:
         """The cross-attention modules, in layer order (what attention maps record)."""
         return [layer.crossattention.attention for layer in self.encoder.layer if layer.has_cross_attention]
+
+    def self_attention_modules(self) -> list[QFormerMultiHeadAttention]:
+        """The self-attention modules (queries and instruction together), in layer order (relevancy maps record them
+        too: it is how queries share what they read)."""
+        return [layer.attention.attention for layer in self.encoder.layer]
