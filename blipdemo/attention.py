@@ -10,7 +10,11 @@ A word reaches the image through two stages, and a token's map chains them:
 - ``C[q, p]``: where query q read the image (the Q-Former's cross-attention over the patch tokens, CLS
   dropped), averaged over heads and cross-attention layers, renormalized over the patches.
 
-The aggregation (mean over heads and layers) was chosen with the pointing game in ``benchmarks/``.
+Both hops stay visible on the ``Explanation``: ``query_maps`` (C, per query, where it read the picture) and
+``query_weights`` (r_t, per token, how much it drew on each query); ``words_in_region(box)`` runs the path backwards,
+from a region of the picture to the answer's words. Each hop's layers and heads can be chosen (``MapSelection``);
+the default, the mean over all of them, was chosen with the pointing game in ``benchmarks/``. ``method="relevancy"``
+replaces raw attention with gradient-weighted relevancy propagated through both hops (``relevancy.py``).
 Generation itself runs as in ``ask`` (SDPA everywhere); afterwards one teacher-forced pass over the
 answer records only what the maps need, in this thread only: the Q-Former's cross-attention (its explicit
 path) and the LM's attention weights (``lm_attention``: the same SDPA pass, with the weights recomputed from
@@ -19,7 +23,10 @@ its queries and keys). The LM's attention implementation is never switched, so c
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -27,6 +34,7 @@ from PIL import Image
 
 from . import lm_attention
 from .qformer import recording
+from .relevancy import relevancy_hops
 
 # matplotlib's "inferno" sampled at 17 points: perceptually uniform, dark → bright, readable over photos.
 INFERNO = np.array(
@@ -90,15 +98,46 @@ def legend_css(stops: int = 11) -> str:
     return f"linear-gradient(to right, {', '.join(colors)})"
 
 
+METHODS = ("attention", "relevancy")  # raw attention (one pass), or gradient-weighted relevancy (relevancy.py)
+AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
+
+
+@dataclass(frozen=True)
+class MapSelection:
+    """What a map is made of: the method and, per hop, the layers and heads averaged (indices from 0, sorted)."""
+
+    method: str
+    qformer_layers: tuple[int, ...]  # the Q-Former's cross-attention layers (0 = the first that has one)
+    qformer_heads: tuple[int, ...]
+    lm_layers: tuple[int, ...]  # the LM's decoder layers (T5: its decoder blocks)
+    lm_heads: tuple[int, ...]
+    uniform_lm: bool = False  # aggregate "qformer": no LM hop, every query weighs the same
+
+
 @dataclass
 class Explanation:
-    """What ``vlm.explain`` returns: the answer, its tokens, and a probability map per token and overall."""
+    """What ``vlm.explain`` returns: the answer, its tokens, a probability map per token and overall, and both hops
+    of the path from a word to the picture (``query_weights`` @ ``query_maps``; ``words_in_region`` backwards)."""
 
     text: str
     tokens: list[str]
     token_maps: np.ndarray  # (n_tokens, grid_h, grid_w), each sums to 1
     image_map: np.ndarray  # (grid_h, grid_w), sums to 1
     image: Image.Image = field(repr=False)  # the upright RGB picture the model saw
+    # Hop 2, queries → patches: (num_queries, grid_h, grid_w), each sums to 1 — where each query read the picture
+    # (relevancy: for each token its own, these are their mean over the tokens).
+    query_maps: np.ndarray | None = field(default=None, repr=False)
+    # Hop 1, tokens → queries: (n_tokens, num_queries), each row sums to 1 — how much each token drew on each query.
+    query_weights: np.ndarray | None = field(default=None, repr=False)
+    method: str = "attention"
+    selection: MapSelection | None = None
+
+    def words_in_region(self, box: Sequence[float]) -> np.ndarray:
+        """The path backwards: for a region of the picture, one score per token (n_tokens,), the share of that
+        token's map inside ``box`` = (x0, y0, x1, y1) in the input image's pixels (clipped to the image). A patch
+        the box covers in part counts with the covered fraction of its area."""
+        weights = region_weights(box, self.image.size, self.token_maps.shape[1:])  # (gh, gw)
+        return (self.token_maps * weights).sum(axis=(1, 2))
 
     def overlay(self, token: int | None = None) -> Image.Image:
         """The map (of ``token``, or of the whole answer) over the image, at the image's own size: colored where
@@ -120,28 +159,138 @@ class Explanation:
         return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
 
 
-AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
+def check_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` (x0, y0, x1, y1) in pixels, checked and clipped to an image of ``image_size`` (width, height)."""
+    bad = isinstance(box, (str, bytes)) or not isinstance(box, Sequence | np.ndarray) or len(box) != 4
+    if bad or not all(isinstance(v, Real) and not isinstance(v, bool) for v in box):
+        raise ValueError(f"box must be 4 numbers (x0, y0, x1, y1) in the image's pixels, got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"box must be 4 finite numbers, got {box!r}")
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box must have x0 < x1 and y0 < y1 (left, top, right, bottom), got {box!r}")
+    width, height = image_size
+    clipped = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+    if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+        raise ValueError(f"box {box!r} lies entirely outside the image ({width} × {height} px): nothing to score")
+    return clipped
 
 
-def query_image_maps(records: list[torch.Tensor], grid: tuple[int, int], aggregate: str = "mean") -> torch.Tensor:
+def _covered(start: float, end: float, cells: int) -> np.ndarray:
+    """(cells,): the fraction of each unit cell [i, i + 1) that [start, end) covers."""
+    edges = np.arange(cells, dtype=np.float64)
+    return np.clip(np.minimum(end, edges + 1) - np.maximum(start, edges), 0.0, 1.0)
+
+
+def region_weights(box, image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(gh, gw): the fraction of each patch's area inside ``box`` (x0, y0, x1, y1), in an image of ``image_size``
+    (width, height) pixels. The processor squashes the image to a square, so x and y map to the grid proportionally."""
+    x0, y0, x1, y1 = check_box(box, image_size)
+    (width, height), (gh, gw) = image_size, grid
+    return np.outer(_covered(y0 * gh / height, y1 * gh / height, gh), _covered(x0 * gw / width, x1 * gw / width, gw))
+
+
+def _indices(name: str, value, size: int, what: str) -> tuple[int, ...]:
+    """None → all of ``size``; an int or a list of ints (negative from the end, as in Python) → sorted, unique."""
+    if value is None:
+        return tuple(range(size))
+    items = [value] if isinstance(value, Integral) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence | np.ndarray):
+        raise ValueError(f"{name} must be None (all) or a list of {what} indices, got {value!r}")
+    if len(items) == 0:
+        raise ValueError(f"{name} must name at least one of the {size} {what} (None: all of them)")
+    for i in items:
+        if not isinstance(i, Integral) or isinstance(i, bool):
+            raise ValueError(f"{name} must hold whole numbers ({what} indices), got {i!r}")
+        if not -size <= i < size:
+            raise ValueError(
+                f"{name}: {i} is out of range: there are {size} {what}, valid indices 0 to {size - 1} "
+                f"(or -{size} to -1 from the end)"
+            )
+    return tuple(sorted({int(i) % size for i in items}))
+
+
+def map_selection(
+    model,
+    method: str = "attention",
+    qformer_layers=None,
+    qformer_heads=None,
+    lm_layers=None,
+    lm_heads=None,
+    aggregate: str = "mean",
+) -> MapSelection:
+    """Check the map options against ``model`` (a ``VisionLanguageModel``) before any model work; None = all.
+
+    ``aggregate``: "mean" (the layers and heads given), "last" (the last layer of each hop unless given), "qformer"
+    (no LM hop: uniform weights over the queries — the pointing game's baseline)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    if model.language_model is None:
+        raise ValueError("This model was loaded without its language model: it has no answers to explain.")
+    if aggregate == "last":
+        qformer_layers = [-1] if qformer_layers is None else qformer_layers
+        lm_layers = [-1] if lm_layers is None else lm_layers
+    cross_layers = len(model.qformer.cross_attention_modules())
+    qformer_size = model.config.qformer_config.num_attention_heads
+    lm_size = len(lm_attention_modules(model.language_model))
+    return MapSelection(
+        method=method,
+        qformer_layers=_indices("qformer_layers", qformer_layers, cross_layers, "Q-Former cross-attention layers"),
+        qformer_heads=_indices("qformer_heads", qformer_heads, qformer_size, "Q-Former attention heads"),
+        lm_layers=_indices("lm_layers", lm_layers, lm_size, "LM layers"),
+        lm_heads=_indices("lm_heads", lm_heads, model.config.text_config.num_attention_heads, "LM attention heads"),
+        uniform_lm=aggregate == "qformer",
+    )
+
+
+def query_image_maps(
+    records: list[torch.Tensor],
+    grid: tuple[int, int],
+    aggregate: str = "mean",
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Q-Former cross-attention (per layer: (1, nh, Q, 1 + P)) → C (Q, P): mean over heads and layers
-    ("last": the last cross-attention layer only)."""
-    records = records[-1:] if aggregate == "last" else records
-    probs = torch.stack([r[0].float() for r in records]).mean(dim=(0, 1))  # (Q, 1 + P)
+    ("last": the last cross-attention layer only; ``layers`` / ``heads``: those only)."""
+    if layers is not None:
+        records = [records[i] for i in layers]
+    elif aggregate == "last":
+        records = records[-1:]
+    probs = torch.stack([_heads(r, heads) for r in records]).mean(dim=(0, 1))  # (Q, 1 + P)
     patches = probs[:, 1:]  # the CLS token is not a place in the picture
     assert patches.shape[1] == grid[0] * grid[1]
     return patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def token_query_weights(attentions, rows: torch.Tensor, num_queries: int, aggregate: str = "mean") -> torch.Tensor:
+def _heads(record: torch.Tensor, heads: Sequence[int] | None) -> torch.Tensor:
+    """(1, nh, Tq, Tk) → (h, Tq, Tk) float32: the chosen heads (None: all)."""
+    return record[0].float() if heads is None else record[0, list(heads)].float()
+
+
+def token_query_weights(
+    attentions,
+    rows: torch.Tensor,
+    num_queries: int,
+    aggregate: str = "mean",
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> torch.Tensor:
     """LM attention (per layer: (1, nh, T, S)) from ``rows`` to the first ``num_queries`` columns → (n, Q).
 
     "mean": over layers and heads; "last": the last layer's heads; "qformer": uniform over the queries (what
-    averaging the Q-Former's cross-attention alone amounts to — the baseline the maps are measured against)."""
+    averaging the Q-Former's cross-attention alone amounts to — the baseline the maps are measured against);
+    ``layers`` / ``heads``: those only."""
     if aggregate == "qformer":
         return torch.full((len(rows), num_queries), 1.0 / num_queries)
-    attentions = attentions[-1:] if aggregate == "last" else attentions
-    weights = torch.stack([a[0, :, rows, :num_queries].float() for a in attentions])  # (L, nh, n, Q)
+    if layers is not None:
+        attentions = [attentions[i] for i in layers]
+    elif aggregate == "last":
+        attentions = attentions[-1:]
+    weights = torch.stack([_heads(a, heads)[:, rows, :num_queries] for a in attentions])  # (L, h, n, Q)
     weights = weights.mean(dim=(0, 1))  # (n, Q)
     return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -154,23 +303,77 @@ def lm_attention_modules(lm) -> list[torch.nn.Module]:
     return [m for name, m in lm.named_modules() if name.endswith(".self_attn")]
 
 
-def explain_answer(service, inputs, answer_ids: torch.Tensor, text: str, aggregate: str = "mean") -> Explanation:
-    """Maps for ``answer_ids`` (what generation produced for the prepared ``inputs``), from one teacher-forced pass.
+def explain_answer(
+    service,
+    inputs,
+    answer_ids: torch.Tensor,
+    text: str,
+    aggregate: str = "mean",
+    *,
+    method: str = "attention",
+    qformer_layers: Sequence[int] | int | None = None,
+    qformer_heads: Sequence[int] | int | None = None,
+    lm_layers: Sequence[int] | int | None = None,
+    lm_heads: Sequence[int] | int | None = None,
+) -> Explanation:
+    """Maps for ``answer_ids`` (what generation produced for the prepared ``inputs``), from one teacher-forced pass
+    ("relevancy": plus one backward pass per token); the layers and heads of each hop as ``map_selection`` says.
 
-    Both stages are recorded in this thread only (the Q-Former's explicit path, ``lm_attention.recording``): other
+    Both hops are recorded in this thread only (the Q-Former's explicit path, ``lm_attention.recording``): other
     requests generating with the same model at the same time run exactly as before.
     """
-    if aggregate not in AGGREGATIONS:
-        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    selection = map_selection(
+        service.model, method, qformer_layers, qformer_heads, lm_layers, lm_heads, aggregate=aggregate
+    )
+    model = service.model
+    grid = tuple(s // model.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
+    # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
+    pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
+    keep = [i for i, piece in enumerate(pieces) if piece]
+    which = keep or list(range(len(pieces)))  # no visible token: the whole-answer map is that of them all
+    if selection.method == "attention":
+        C, R = attention_hops(service, inputs, answer_ids, selection, grid)  # (Q, P), (n, Q)
+        maps = (R.to(C.device) @ C)[which].cpu()  # (len(which), P): every row, then the visible ones
+        C, R = C.cpu(), R[which].cpu()
+        query_maps = C
+    else:
+        R, Cs = relevancy_hops(service, inputs, answer_ids, selection, which)  # (len(which), Q), (len(which), Q, P)
+        maps = torch.einsum("tq,tqp->tp", R, Cs)
+        query_maps = Cs.mean(0)
+    maps = maps.reshape(-1, *grid)  # (len(which), gh, gw)
+    whole = maps.mean(0).numpy().astype(np.float64)
+    token_maps = _rows_to_one(maps[: len(keep)].numpy(), axis=(1, 2))  # which is keep, or no token is visible
+    return Explanation(
+        text=text,
+        tokens=[pieces[i] for i in keep],
+        token_maps=token_maps,
+        image_map=whole / max(whole.sum(), 1e-300),
+        image=inputs.image,
+        query_maps=_rows_to_one(query_maps.reshape(-1, *grid).numpy(), axis=(1, 2)),
+        query_weights=_rows_to_one(R[: len(keep)].numpy(), axis=(1,)),
+        method=selection.method,
+        selection=selection,
+    )
+
+
+def _rows_to_one(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
+    """float64 copy of ``x`` with each slice over ``axis`` summing to 1."""
+    x = x.astype(np.float64)
+    return x / np.maximum(x.sum(axis=axis, keepdims=True), 1e-300)
+
+
+def attention_hops(service, inputs, answer_ids: torch.Tensor, selection: MapSelection, grid) -> tuple:
+    """Raw attention, one teacher-forced pass: (C (Q, P) where each query read the picture, R (n, Q) how much each
+    answer token's producing position attended to each query), averaged over the selection's layers and heads."""
     model = service.model
     q = model.config.num_query_tokens
-    grid = tuple(s // model.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
     lm = model.language_model
     with torch.inference_mode():
         image_embeds = service.image_tokens([inputs])
         with recording(model.qformer.cross_attention_modules()) as records:
             query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
-        C = query_image_maps([r for rec in records.values() for r in rec], grid, aggregate)  # (Q, P)
+        cross = [r for rec in records.values() for r in rec]
+        C = query_image_maps(cross, grid, layers=selection.qformer_layers, heads=selection.qformer_heads)
         answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
         modules = lm_attention_modules(lm)
         with lm_attention.recording(modules) as lm_records:
@@ -187,20 +390,6 @@ def explain_answer(service, inputs, answer_ids: torch.Tensor, text: str, aggrega
                 first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
                 rows = torch.arange(first, first + answer.shape[1])
         attentions = [lm_records[m][0].cpu() for m in modules]  # per layer (1, nh, T, S)
-        R = token_query_weights(attentions, rows, q, aggregate)  # (n, Q)
-        maps = (R.to(C.device) @ C).reshape(-1, *grid)  # (n, gh, gw)
-    # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
-    pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
-    keep = [i for i, piece in enumerate(pieces) if piece]
-    tokens = [pieces[i] for i in keep]
-    token_maps = maps[keep] if keep else maps[:0]
-    whole = (token_maps if keep else maps).mean(0).cpu().numpy().astype(np.float64)
-    token_maps = token_maps.cpu().numpy().astype(np.float64)
-    token_maps /= np.maximum(token_maps.sum(axis=(1, 2), keepdims=True), 1e-300)
-    return Explanation(
-        text=text,
-        tokens=tokens,
-        token_maps=token_maps,
-        image_map=whole / max(whole.sum(), 1e-300),
-        image=inputs.image,
-    )
+        aggregate = "qformer" if selection.uniform_lm else "mean"
+        R = token_query_weights(attentions, rows, q, aggregate, layers=selection.lm_layers, heads=selection.lm_heads)
+    return C, R

@@ -22,7 +22,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
-from .attention import Explanation, explain_answer
+from .attention import Explanation, explain_answer, map_selection
 from .batching import PreparedInputs, Request, Scheduler, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
@@ -376,25 +376,62 @@ class Service:
         history: Sequence = (),
         answer: str | None = None,
         template: bool = True,
+        method: str = "attention",
+        qformer_layers: Sequence[int] | int | None = None,
+        qformer_heads: Sequence[int] | int | None = None,
+        lm_layers: Sequence[int] | int | None = None,
+        lm_heads: Sequence[int] | int | None = None,
         **options,
     ) -> Explanation:
         """``ask`` plus attention maps: per generated token and for the whole answer (see ``attention.py``).
 
         With ``answer`` (text the model already gave, e.g. a streamed answer), nothing is generated: the maps
         are those of the model producing exactly that answer (one teacher-forced pass). ``template`` as in ``ask``.
+        ``method``: "attention" (raw attention) or "relevancy" (gradient-weighted, ``relevancy.py``); the layers and
+        heads of each hop: None = all (their mean), else a list of indices (negative from the end); checked before
+        any model work.
         """
+        maps = {
+            "method": method,
+            "qformer_layers": qformer_layers,
+            "qformer_heads": qformer_heads,
+            "lm_layers": lm_layers,
+            "lm_heads": lm_heads,
+        }
+        map_selection(self.model, **maps)  # a bad choice fails here, before generation
         decoding = DecodingOptions.of(options)
         if answer is None:
             inputs, ids = self._generate(image, prompt, history, decoding, template)
-            return self.explain_prepared(inputs, ids)
+            return self.explain_prepared(inputs, ids, **maps)
         inputs = self.prepare(image, prompt, history, decoding.max_new_tokens, template=template)
         text = answer.strip()
-        return self.explain_prepared(inputs, self._answer_ids(inputs, text), text)
+        return self.explain_prepared(inputs, self._answer_ids(inputs, text), text, **maps)
 
-    def explain_prepared(self, inputs: PreparedInputs, ids: torch.Tensor, text: str | None = None) -> Explanation:
+    def explain_prepared(
+        self,
+        inputs: PreparedInputs,
+        ids: torch.Tensor,
+        text: str | None = None,
+        *,
+        method: str = "attention",
+        qformer_layers: Sequence[int] | int | None = None,
+        qformer_heads: Sequence[int] | int | None = None,
+        lm_layers: Sequence[int] | int | None = None,
+        lm_heads: Sequence[int] | int | None = None,
+    ) -> Explanation:
         """Maps for answer ``ids`` to the prepared request ``inputs`` (from ``start`` or ``prepare``): no new
-        preparation, the image tokens from the cache."""
-        return explain_answer(self, inputs, ids, self.decode(ids) if text is None else text)
+        preparation, the image tokens from the cache. The map options as in ``explain``."""
+        return explain_answer(
+            self,
+            inputs,
+            ids,
+            self.decode(ids) if text is None else text,
+            method=method,
+            qformer_layers=qformer_layers,
+            qformer_heads=qformer_heads,
+            lm_layers=lm_layers,
+            lm_heads=lm_heads,
+        )
 
     def _answer_ids(self, inputs: PreparedInputs, text: str) -> torch.Tensor:
         """Token ids of a given answer as the model would have produced them, EOS included."""

@@ -1,0 +1,195 @@
+"""Relevancy maps: gradient-weighted attention propagated through both hops (``explain(..., method="relevancy")``).
+
+After Chefer, Gur and Wolf 2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers". For each answer token t, with ∇A the gradient of the logit of token t at the position
+that produced it with respect to an attention map A (B, heads, Tq, Tk):
+
+- per layer, Ā = mean over the chosen heads of (∇A ⊙ A), negatives clamped to 0 (``gradcam``);
+- the LM hop: R = Π_l (I + Ā_l) over the chosen layers (a residual stream plus what each layer gathered), and the
+  token's row R[producing position, :Q] says how much it drew on each query position (decoder-only: self-attention;
+  T5: the encoder's self-attention, then per decoder block self-attention and cross-attention to the encoder's
+  outputs, ``encoder_decoder_row``);
+- the Q-Former hop: each cross-attention layer adds Ā_cross (queries → image tokens) to the queries' relevancy on the
+  image, and each self-attention layer (queries and instruction together) mixes what the queries had gathered so far,
+  R ← (I + Ā_self) R (``query_relevancy``): a query's map includes what it learned from the others. Cross-attention
+  direct (R += Ā_cross), without the rule's (R̄ˢˢ)ᵀ factor: the same residual accounting as the self-attention rule.
+
+Gradients come from ``torch.autograd.grad`` on activations only (the recorded attention maps, in the graph of the
+output: ``qformer.recording`` and ``lm_attention.recording`` with ``in_graph=True``), one backward pass per token on
+one retained graph; parameters are never changed, and no ``.grad`` is accumulated. Unselected layers of a hop count
+as identity (their residual stream only); the Q-Former's self-attention always takes all its layers and heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+
+from . import lm_attention
+from .qformer import recording
+
+
+def gradcam(attention: torch.Tensor, gradient: torch.Tensor | None, heads: Sequence[int] | None) -> torch.Tensor:
+    """Ā = mean over ``heads`` (None: all) of (∇A ⊙ A) clamped at 0: (1, nh, Tq, Tk) twice → (Tq, Tk) float32."""
+    if gradient is None:  # the logit does not depend on this map
+        return torch.zeros(attention.shape[-2:], device=attention.device)
+    heads = list(range(attention.shape[1])) if heads is None else list(heads)
+    cam = gradient[0, heads].float() * attention[0, heads].detach().float()  # (h, Tq, Tk)
+    return cam.clamp_min(0).mean(0)
+
+
+def relevancy_row(cams: Sequence[torch.Tensor], row: int) -> torch.Tensor:
+    """Row ``row`` of R = (I + Ā_L) ⋯ (I + Ā_1) for self-attention cams (S, S) in layer order → (S,).
+
+    Multiplied from the left, one row vector at a time: O(L·S²) instead of the full matrices' O(L·S³)."""
+    size = cams[0].shape[-1] if cams else row + 1
+    device = cams[0].device if cams else None
+    v = torch.zeros(size, device=device)
+    v[row] = 1.0
+    for cam in reversed(cams):
+        v = v + v @ cam
+    return v
+
+
+def encoder_decoder_row(
+    encoder_cams: Sequence[torch.Tensor],
+    decoder_cams: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    row: int,
+    encoder_size: int,
+) -> torch.Tensor:
+    """T5: decoder position ``row``'s relevancy on the encoder's inputs (Te,).
+
+    ``encoder_cams``: (Te, Te) per encoder layer; ``decoder_cams``: (self (Td, Td), cross (Td, Te)) per decoder
+    block, in order. R_de ← (I + Ā_self) R_de + Ā_cross R_ee per block, with R_ee = Π (I + Ā_enc); row by row."""
+    device = encoder_cams[0].device if encoder_cams else (decoder_cams[0][1].device if decoder_cams else None)
+    size = decoder_cams[0][0].shape[-1] if decoder_cams else row + 1
+    v = torch.zeros(size, device=device)
+    v[row] = 1.0
+    u = torch.zeros(encoder_size, device=device)  # Σ over blocks of (row of the later blocks' self part) · Ā_cross
+    for self_cam, cross_cam in reversed(decoder_cams):  # within a block, self-attention comes before cross
+        u = u + v @ cross_cam
+        v = v + v @ self_cam
+    for cam in reversed(encoder_cams):  # u · R_ee
+        u = u + u @ cam
+    return u
+
+
+def query_relevancy(
+    self_cams: Sequence[torch.Tensor], cross_cams: dict[int, torch.Tensor], num_queries: int
+) -> torch.Tensor:
+    """The queries' relevancy on the image tokens (Q, N) through the Q-Former.
+
+    ``self_cams``: (Q + T, Q + T) per layer (queries first); ``cross_cams``: {layer: (Q, N)} for the chosen
+    cross-attention layers. Per layer: R ← (I + Ā_self) R, then R[:Q] += Ā_cross; R starts at 0. Computed from the
+    end for the query rows only: V = [I_Q 0] (I + Ā_self of later layers)."""
+    width = self_cams[0].shape[-1] if self_cams else num_queries
+    device = self_cams[0].device if self_cams else None
+    v = torch.eye(num_queries, width, device=device)  # (Q, Q + T)
+    result = None
+    for i in reversed(range(len(self_cams))):
+        if i in cross_cams:
+            term = v[:, :num_queries] @ cross_cams[i].to(v.device)  # (Q, N)
+            result = term if result is None else result + term
+        v = v + v @ self_cams[i]
+    if result is None:  # no cross-attention layer chosen (cannot happen through map_selection)
+        raise ValueError("query_relevancy needs at least one cross-attention layer")
+    return result
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to sum 1; a row with no positive relevancy at all becomes uniform (no evidence either way)."""
+    total = x.sum(-1, keepdim=True)
+    uniform = torch.full_like(x, 1.0 / x.shape[-1])
+    return torch.where(total > 0, x / total.clamp_min(1e-30), uniform)
+
+
+def gradients(target: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """∂target/∂record for each recorded map (None where the target does not depend on it); the graph is kept."""
+    return list(torch.autograd.grad(target, records, retain_graph=True, allow_unused=True))
+
+
+def lm_modules(lm) -> dict[str, list[torch.nn.Module]]:
+    """The LM's attention modules relevancy records, in layer order: decoder-only {"self": …}; T5 {"encoder": …,
+    "self": decoder self-attention, "cross": decoder cross-attention}."""
+    if not lm.config.is_encoder_decoder:
+        return {"self": [m for name, m in lm.named_modules() if name.endswith(".self_attn")]}
+    return {
+        "encoder": [block.layer[0].SelfAttention for block in lm.get_encoder().block],
+        "self": [block.layer[0].SelfAttention for block in lm.get_decoder().block],
+        "cross": [block.layer[1].EncDecAttention for block in lm.get_decoder().block],
+    }
+
+
+def _forward(model, inputs, query_embeds: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-forced LM pass → (logits (1, S, V), rows (n,)): row t of ``rows`` produced answer token t."""
+    lm = model.language_model
+    if model.is_encoder_decoder:
+        embeds, mask = model.language_inputs(query_embeds, inputs.input_ids)
+        start = torch.tensor([[lm.config.decoder_start_token_id]], device=answer.device)
+        decoder_ids = torch.cat([start, answer[:, :-1]], dim=1).to(embeds.device)  # position t produces token t
+        # Decoder embeddings as a leaf that needs a gradient: the first decoder layer's self-attention hangs on it.
+        decoder_embeds = lm.get_input_embeddings()(decoder_ids).detach().requires_grad_()
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, decoder_inputs_embeds=decoder_embeds).logits
+        return logits, torch.arange(answer.shape[1])
+    ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)
+    embeds, mask = model.language_inputs(query_embeds, ids)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
+    first = model.config.num_query_tokens + inputs.input_ids.shape[1] - 1  # produced the first answer token
+    return logits, torch.arange(first, first + answer.shape[1])
+
+
+def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selection, which: Sequence[int]):
+    """Per answer token in ``which``: (query weights R (n, Q), query maps C (n, Q, P)), both row-normalized.
+
+    One forward pass with every attention map in the graph (this thread only), then one backward pass per token."""
+    model = service.model
+    q = model.config.num_query_tokens
+    modules = lm_modules(model.language_model)
+    qf_self, qf_cross = model.qformer.self_attention_modules(), model.qformer.cross_attention_modules()
+    answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
+    with torch.inference_mode(False), torch.enable_grad():
+        # The cached image tokens are inference tensors: a plain copy can enter a graph.
+        image_embeds = service.image_tokens([inputs]).clone()
+        with recording(qf_self + qf_cross, in_graph=True) as q_records:
+            query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
+        lm_list = [m for group in modules.values() for m in group]
+        with lm_attention.recording(lm_list, in_graph=True) as lm_records:
+            logits, rows = _forward(model, inputs, query_embeds, answer)
+        maps = {m: q_records[m][0] for m in qf_self + qf_cross} | {m: lm_records[m][0] for m in lm_list}
+        order = list(maps)
+        weights, query_maps = [], []
+        for t in which:
+            target = logits[0, rows[t], answer[0, t]]
+            grads = dict(zip(order, gradients(target, [maps[m] for m in order]), strict=True))
+            with torch.no_grad():
+                cam = partial(_cam, maps, grads)  # (module, heads) → that map's Ā for this token, (Tq, Tk)
+                weights.append(_lm_row(modules, cam, selection, int(rows[t]), q))
+                query_maps.append(_query_maps(qf_self, qf_cross, cam, selection, q, model))
+    return normalize_rows(torch.stack(weights)), normalize_rows(torch.stack(query_maps))
+
+
+def _cam(maps: dict, grads: dict, module, heads: Sequence[int] | None) -> torch.Tensor:
+    return gradcam(maps[module], grads[module], heads).cpu()
+
+
+def _lm_row(modules, cam, selection, row: int, num_queries: int) -> torch.Tensor:
+    """The token's relevancy on the query positions (Q,) through the LM's chosen layers and heads."""
+    if selection.uniform_lm:
+        return torch.full((num_queries,), 1.0 / num_queries)
+    heads = selection.lm_heads
+    if "encoder" not in modules:
+        cams = [cam(modules["self"][i], heads) for i in selection.lm_layers]
+        return relevancy_row(cams, row)[:num_queries]
+    encoder = [cam(m, None) for m in modules["encoder"]]  # every layer and head: not a choice
+    decoder = [(cam(modules["self"][i], heads), cam(modules["cross"][i], heads)) for i in selection.lm_layers]
+    return encoder_decoder_row(encoder, decoder, row, encoder[0].shape[-1])[:num_queries]
+
+
+def _query_maps(qf_self, qf_cross, cam, selection, num_queries: int, model) -> torch.Tensor:
+    """Each query's relevancy on the patches (Q, P) (the CLS token dropped) through the Q-Former."""
+    self_cams = [cam(m, None) for m in qf_self]  # every layer and head: how queries share what they read
+    layer_of = [i for i, layer in enumerate(model.qformer.encoder.layer) if layer.has_cross_attention]
+    cross = {layer_of[i]: cam(qf_cross[i], selection.qformer_heads) for i in selection.qformer_layers}
+    return query_relevancy(self_cams, cross, num_queries)[:, 1:]
