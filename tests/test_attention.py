@@ -113,16 +113,20 @@ STEP_QUERY = [2, 0, 3, 1]  # answer token t is produced looking at query STEP_QU
 ANSWER = "red green blue"  # tokenized into ~9 pieces by the test tokenizer, so every query is used twice
 
 
-def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
+def _rig_qformer(vlm, inputs, scale: float = 100.0, only_layers=None, only_heads=None) -> None:
     """Set the cross-attention weights so that, on this image and instruction, query q reads patch QUERY_PATCH[q].
 
     Keys: each patch of QUERY_PATCH gets the code e_q in every head (all other tokens, CLS included, get 0); queries:
     query q gets scale · e_q. Both are solved by least squares on the very inputs of each layer (layer by layer,
     since a rigged layer changes what the next one sees), so a query's score is scale/√hs on its patch, 0 elsewhere.
+    ``only_layers`` / ``only_heads`` (cross-attention layer and head indices; None = all): only those read their
+    patches; the others get all-zero codes, so that they spread their attention exactly evenly over the 1 + P tokens.
     """
     image_embeds = vlm.image_tokens([inputs])  # (1, 1 + P, Dv)
     image = image_embeds[0].double()  # (1 + P, Dv): the keys' input
-    for module in vlm.model.qformer.cross_attention_modules():
+    modules = vlm.model.qformer.cross_attention_modules()
+    rigged = set(range(len(modules))) if only_layers is None else {i % len(modules) for i in only_layers}
+    for index, module in enumerate(modules):
         seen = []
         hook = module.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0][0].double()))
         with torch.inference_mode():
@@ -131,12 +135,13 @@ def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
         queries = seen[0]  # (Q, D): what this layer's queries are on the way in
         width, heads = module.key.out_features, module.num_heads
         hs = width // heads
+        chosen = set(range(heads)) if only_heads is None else {h % heads for h in only_heads}
         key_codes = torch.zeros(image.shape[0], width, dtype=torch.float64)
         query_codes = torch.zeros(queries.shape[0], width, dtype=torch.float64)
         for q, patch in QUERY_PATCH.items():
-            for h in range(heads):
+            for h in range(heads) if index in rigged else ():
                 key_codes[1 + patch, h * hs + q] = 1.0
-                query_codes[q, h * hs + q] = scale
+                query_codes[q, h * hs + q] = scale if h in chosen else 0.0
         key_weight = torch.linalg.lstsq(image, key_codes).solution.T  # (width, Dv): image @ W.T = codes
         query_weight = torch.linalg.lstsq(queries, query_codes).solution.T
         assert torch.allclose(image @ key_weight.T, key_codes, atol=1e-6), "image tokens not independent"
@@ -148,20 +153,23 @@ def _rig_qformer(vlm, inputs, scale: float = 100.0) -> None:
             module.query.bias.zero_()
 
 
-def _steer_lm(monkeypatch, vlm, first_row: int) -> list:
+def _steer_lm(monkeypatch, vlm, first_row: int, only_layers=None, only_heads=None) -> list:
     """Replace the LM's attention function (SDPA, which the map pass runs like generation) so that the position
     producing answer token t puts 90% of its attention on query STEP_QUERY[t % 4] (and keeps 10% of its own,
-    causal pattern): its output really follows, and the steered weights are what the function returns.
+    causal pattern): its output really follows, and the steered weights are what the function returns (built out of
+    place, so that gradients can flow through them: relevancy).
 
     ``first_row``: the position that produces answer token 0 — the layout as the test states it, not as the code
     under test computes it. Decoder-only LMs: self-attention, rows first_row, first_row + 1, …; T5: the decoder's
-    cross-attention to the encoder (queries first), rows 0, 1, …. Returns the list of steered calls."""
+    cross-attention to the encoder (queries first), rows 0, 1, …. ``only_layers`` / ``only_heads`` (decoder layer
+    and head indices; None = all): only those are steered. Returns the list of steered calls."""
     lm = vlm.language_model
     cross = vlm.is_encoder_decoder  # T5: the decoder's cross-attention (no causal mask); else self-attention
     if cross:
-        steered = {block.layer[1].EncDecAttention for block in lm.decoder.block}
+        layers = [block.layer[1].EncDecAttention for block in lm.decoder.block]
     else:
-        steered = {m for m in lm.modules() if type(m).__name__.endswith("Attention")}
+        layers = [layer.self_attn for layer in lm.get_decoder().layers]
+    steered = set(layers) if only_layers is None else {layers[i] for i in only_layers}
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     calls = []
 
@@ -175,10 +183,14 @@ def _steer_lm(monkeypatch, vlm, first_row: int) -> list:
         if not cross:
             scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), -torch.inf)
         weights = scores.softmax(-1)
+        heads = range(weights.shape[1]) if only_heads is None else only_heads
+        keep = torch.ones_like(weights)  # 0.1 on the steered rows, 1 elsewhere
+        target = torch.zeros_like(weights)  # 0.9 on each steered row's query
         for row in range(first_row, weights.shape[2]):
-            target = torch.zeros(weights.shape[-1], dtype=weights.dtype)
-            target[STEP_QUERY[(row - first_row) % len(STEP_QUERY)]] = 1.0
-            weights[:, :, row] = 0.1 * weights[:, :, row] + 0.9 * target
+            for h in heads:
+                keep[:, h, row] = 0.1
+                target[:, h, row, STEP_QUERY[(row - first_row) % len(STEP_QUERY)]] = 0.9
+        weights = weights * keep + target
         value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # grouped-query heads
         return (weights.to(value.dtype) @ value).transpose(1, 2).contiguous(), weights
 
@@ -208,6 +220,23 @@ def test_each_token_map_follows_the_query_its_token_looked_at(checkpoint_dir, im
         expected = QUERY_PATCH[STEP_QUERY[t % len(STEP_QUERY)]]
         assert m.flatten().argmax() == expected, (t, e.tokens[t], m.flatten().round(3))
         assert m.flatten()[expected] > 0.8, (t, e.tokens[t], m.flatten().round(3))
+    # Each hop on its own: query q reads its patch (hop 2), token t draws on its query (hop 1); the maps chain them.
+    _check_hops(e, num_queries)
+
+
+def _check_hops(e, num_queries: int, map_share: float = 0.9, weight_share: float = 0.85) -> None:
+    """The rigged pattern in both hops of ``e``: query maps peak on QUERY_PATCH (with more than ``map_share``),
+    token rows on STEP_QUERY (with more than ``weight_share``)."""
+    assert e.query_maps.shape == (num_queries, *e.token_maps.shape[1:])
+    assert e.query_weights.shape == (len(e.tokens), num_queries)
+    np.testing.assert_allclose(e.query_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(e.query_weights.sum(axis=1), 1.0, atol=1e-9)
+    for q, patch in QUERY_PATCH.items():
+        heat = e.query_maps[q].flatten()
+        assert heat.argmax() == patch and heat[patch] > map_share, (q, heat.round(3))
+    for t, row in enumerate(e.query_weights):
+        expected = STEP_QUERY[t % len(STEP_QUERY)]
+        assert row.argmax() == expected and row[expected] > weight_share, (t, e.tokens[t], row.round(3))
 
 
 def test_colormap_is_dark_to_bright():
@@ -233,3 +262,188 @@ def test_explain_with_offloaded_lm(checkpoint_dir, images, tmp_path):
     b = split.explain(images[2], PROMPT, max_new_tokens=4, num_beams=1)
     assert a.text == b.text
     np.testing.assert_allclose(a.token_maps, b.token_maps, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The maps explorer: both hops, layer and head choice, the reverse direction (words_in_region).
+
+
+def _chained(e) -> np.ndarray:
+    """Σ_q query_weights[t, q] · query_maps[q], each token's map scaled to sum 1."""
+    maps = np.einsum("tq,qhw->thw", e.query_weights, e.query_maps)
+    return maps / maps.sum(axis=(1, 2), keepdims=True)
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_token_maps_are_query_weights_times_query_maps(loaded, images, family, lm):
+    vlm = loaded(family, lm)
+    e = vlm.explain(images[1], PROMPT, max_new_tokens=6, num_beams=1)
+    assert e.method == "attention" and len(e.tokens) > 0
+    np.testing.assert_allclose(e.token_maps, _chained(e), atol=1e-6)
+    assert e.selection.lm_layers == (0, 1) and e.selection.qformer_heads == (0, 1, 2, 3)
+
+
+def _rigged(vlm, images, monkeypatch, **rig):
+    """The llama checkpoint with its Q-Former rigged (``_rig_qformer(**rig)``) and its LM steered (every layer and
+    head); returns (image, explain(**options) for the fixed ANSWER)."""
+    image = images[0]
+    inputs = vlm.prepare(image, PROMPT)
+    _rig_qformer(vlm, inputs, only_layers=rig.get("qformer_layers"), only_heads=rig.get("qformer_heads"))
+    first_row = vlm.config.num_query_tokens + inputs.input_ids.shape[1] - 1
+    _steer_lm(monkeypatch, vlm, first_row, only_layers=rig.get("lm_layers"), only_heads=rig.get("lm_heads"))
+    return image, lambda **options: vlm.explain(image, PROMPT, answer=ANSWER, **options)
+
+
+def _share(e, q: int) -> float:
+    """How much of query q's map lies on its own patch QUERY_PATCH[q]."""
+    return float(e.query_maps[q].flatten()[QUERY_PATCH[q]])
+
+
+def test_qformer_layer_and_head_choice(checkpoint_dir, images, monkeypatch):
+    """Only the last cross-attention layer's head 2 reads the patches (every other head of both layers spreads its
+    attention evenly): choosing it gives sharp query maps, choosing another layer or head gives exactly flat ones,
+    and the default mean lies between — the rigged head diluted by the seven flat ones."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
+    assert len(vlm.model.qformer.cross_attention_modules()) == 2 and vlm.config.qformer_config.num_attention_heads == 4
+    _, explain = _rigged(vlm, images, monkeypatch, qformer_layers=[1], qformer_heads=[2])
+    chosen = explain(qformer_layers=[-1], qformer_heads=[2])
+    assert chosen.selection.qformer_layers == (1,) and chosen.selection.qformer_heads == (2,)
+    _check_hops(chosen, len(QUERY_PATCH))
+    flat = 1 / chosen.query_maps[0].size
+    for other in (
+        explain(qformer_layers=[0]),
+        explain(qformer_heads=[0, 1, 3]),
+        explain(qformer_layers=[0, 1], qformer_heads=[-1]),
+    ):
+        np.testing.assert_allclose(other.query_maps, flat, rtol=1e-5)
+    mean = explain()
+    for q in QUERY_PATCH:
+        assert mean.query_maps[q].flatten().argmax() == QUERY_PATCH[q]
+        assert 2 * flat < _share(mean, q) < _share(chosen, q) - 0.3, (q, _share(mean, q), _share(chosen, q))
+    # The LM hop is not touched by the Q-Former's choice.
+    np.testing.assert_allclose(mean.query_weights, chosen.query_weights)
+
+
+def test_lm_layer_and_head_choice(checkpoint_dir, images, monkeypatch):
+    """Only the LM's last layer, head 3 is steered: choosing it gives each token's row its query (≥ 0.9); the
+    default mean dilutes it; the unsteered layer or heads do not follow the steered pattern."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
+    assert vlm.config.text_config.num_hidden_layers == 2 and vlm.config.text_config.num_attention_heads == 4
+    _, explain = _rigged(vlm, images, monkeypatch, lm_layers=[1], lm_heads=[3])
+    chosen = explain(lm_layers=[-1], lm_heads=[-1])
+    assert chosen.selection.lm_layers == (1,) and chosen.selection.lm_heads == (3,)
+    _check_hops(chosen, len(QUERY_PATCH))
+    targets = [STEP_QUERY[t % len(STEP_QUERY)] for t in range(len(chosen.tokens))]
+    rows = np.arange(len(targets))
+    assert (chosen.query_weights[rows, targets] >= 0.9).all()
+    mean = explain()
+    diluted = chosen.query_weights[rows, targets] - mean.query_weights[rows, targets]
+    assert (diluted > 0.1).all() and diluted.mean() > 0.25, diluted.round(3)
+    for other in (explain(lm_layers=[0]), explain(lm_heads=[0, 1, 2]), explain(lm_layers=[1], lm_heads=[0])):
+        assert (other.query_weights.argmax(1) != targets).any(), other.query_weights.round(2)
+        np.testing.assert_allclose(other.query_maps, chosen.query_maps)  # the Q-Former hop is not touched
+
+
+def test_map_options_are_checked_before_any_model_work(loaded, images, monkeypatch):
+    vlm = loaded("instructblip", "llama")
+    ran = []
+    monkeypatch.setattr(vlm, "_generate", lambda *a, **k: ran.append("generate"))
+    monkeypatch.setattr(vlm, "image_tokens", lambda *a, **k: ran.append("vision"))
+    cases = {
+        "qformer_layers": ([2], "0 to 1"),  # two cross-attention layers
+        "qformer_heads": ([-5], "0 to 3"),
+        "lm_layers": ([0, 7], "0 to 1"),
+        "lm_heads": ([4], "0 to 3"),
+    }
+    for name, (value, valid) in cases.items():
+        with pytest.raises(ValueError, match=rf"{name}: .* out of range.*{valid}"):
+            vlm.explain(images[0], PROMPT, **{name: value})
+        with pytest.raises(ValueError, match=rf"{name} must name at least one"):
+            vlm.explain(images[0], PROMPT, answer="red", **{name: []})
+        for bad in (["1"], [1.0], [True], "1", 1.5):
+            with pytest.raises(ValueError, match=name):
+                vlm.explain(images[0], PROMPT, **{name: bad})
+    with pytest.raises(ValueError, match=r"method must be one of \('attention', 'relevancy'\)"):
+        vlm.explain(images[0], PROMPT, method="gradients")
+    with pytest.raises(ValueError, match="aggregate"):
+        blipdemo.attention.map_selection(vlm.model, aggregate="max")
+    assert ran == [], "a bad map option must fail before any model work"
+
+
+def test_negative_indices_count_from_the_end(loaded, images):
+    vlm = loaded("instructblip", "llama")
+    a = vlm.explain(images[1], PROMPT, answer="red", lm_layers=[-1], lm_heads=[-2, 0], qformer_layers=-2)
+    b = vlm.explain(images[1], PROMPT, answer="red", lm_layers=[1], lm_heads=[0, 2, 2], qformer_layers=[0])
+    assert a.selection == b.selection
+    np.testing.assert_array_equal(a.token_maps, b.token_maps)
+    # "last" of the pointing game is the last layer of each hop.
+    from blipdemo.attention import explain_answer
+
+    inputs = vlm.prepare(images[1], PROMPT)
+    ids = vlm._answer_ids(inputs, "red")
+    last = explain_answer(vlm, inputs, ids, "red", aggregate="last")
+    chosen = explain_answer(vlm, inputs, ids, "red", lm_layers=[-1], qformer_layers=[-1])
+    np.testing.assert_array_equal(last.token_maps, chosen.token_maps)
+
+
+def test_region_weights_cover_patches_by_area():
+    from blipdemo.attention import region_weights
+
+    grid = (4, 4)
+    size = (50, 40)  # a wide image: a patch is 12.5 px wide, 10 px high
+    np.testing.assert_allclose(region_weights((0, 0, 50, 40), size, grid), 1.0)
+    one = region_weights((25, 10, 37.5, 20), size, grid)  # exactly patch (row 1, column 2)
+    expected = np.zeros(grid)
+    expected[1, 2] = 1.0
+    np.testing.assert_allclose(one, expected, atol=1e-12)
+    half = region_weights((25, 15, 43.75, 20), size, grid)  # half a patch high, one and a half wide
+    expected = np.zeros(grid)
+    expected[1, 2], expected[1, 3] = 0.5, 0.25
+    np.testing.assert_allclose(half, expected, atol=1e-12)
+    clipped = region_weights((-100, -5, 12.5, 10), size, grid)  # clipped to the image: patch (0, 0)
+    assert clipped[0, 0] == 1.0 and clipped.sum() == 1.0
+
+
+def test_words_in_region_checks_the_box():
+    from blipdemo.attention import Explanation
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 4, 4))
+    maps /= maps.sum(axis=(1, 2), keepdims=True)
+    e = Explanation("a b c", ["a", "b", "c"], maps, maps.mean(0), Image.new("RGB", (50, 40)))
+    np.testing.assert_allclose(e.words_in_region((0, 0, 50, 40)), 1.0)
+    halves = e.words_in_region((0, 0, 25, 40)) + e.words_in_region((25, 0, 50, 40))
+    np.testing.assert_allclose(halves, 1.0)  # two halves of the picture share each token's map
+    np.testing.assert_allclose(e.words_in_region((-10, -10, 60, 50)), 1.0)
+    assert e.words_in_region(np.array([0, 0, 12.5, 10])).shape == (3,)
+    for bad, message in (
+        ((0, 0, 10), "4 numbers"),
+        ("0 0 10 10", "4 numbers"),
+        ((0, 0, "10", 10), "4 numbers"),
+        ((0, 0, True, 10), "4 numbers"),
+        ((0, 0, float("nan"), 10), "finite"),
+        ((0, 0, 10, float("inf")), "finite"),
+        ((10, 0, 10, 10), "x0 < x1"),
+        ((0, 20, 10, 5), "x0 < x1 and y0 < y1"),
+        ((50, 0, 60, 10), "entirely outside the image \\(50 × 40 px\\)"),
+        ((-20, -20, -1, 30), "entirely outside"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            e.words_in_region(bad)
+
+
+def test_words_in_region_finds_the_tokens_that_looked_there(checkpoint_dir, images, monkeypatch):
+    """The reverse of the chain test: the box (in the non-square image's own pixels) around patch QUERY_PATCH[q]
+    scores highest the tokens that were produced looking at query q."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
+    image, explain = _rigged(vlm, images, monkeypatch)
+    width, height = image.size
+    assert (width, height) == (50, 40)
+    e = explain()
+    targets = np.array([STEP_QUERY[t % len(STEP_QUERY)] for t in range(len(e.tokens))])
+    for q, patch in QUERY_PATCH.items():
+        row, column = divmod(patch, 4)
+        box = (column * width / 4, row * height / 4, (column + 1) * width / 4, (row + 1) * height / 4)
+        scores = e.words_in_region(box)
+        assert scores.shape == (len(e.tokens),)
+        assert scores[targets == q].min() > 0.7 > 0.1 > scores[targets != q].max(), (q, scores.round(3))

@@ -1,0 +1,300 @@
+"""Relevancy maps (``explain(..., method="relevancy")``): the propagation rules on hand-built tensors, gradients with
+respect to the recorded attention that are those of the output (checked against transformers' eager attention), the
+hand-built pattern of test_attention through both hops, threads, and 8-bit LMs."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_attention import (
+    ANSWER,
+    PROMPT,
+    QUERY_PATCH,
+    STEP_QUERY,
+    _check_hops,
+    _rig_qformer,
+    _rigged,
+    _steer_lm,
+)
+
+import blipdemo
+from blipdemo import lm_attention, relevancy
+from blipdemo.qformer import recording
+from blipdemo.relevancy import encoder_decoder_row, gradcam, normalize_rows, query_relevancy, relevancy_row
+
+
+def _cams(generator: torch.Generator, count: int, size: int, columns: int | None = None) -> list[torch.Tensor]:
+    """Random non-negative maps (size, columns), rows summing to at most 1, as gradient-weighted attention is."""
+    maps = [torch.rand(size, columns or size, generator=generator) for _ in range(count)]
+    return [m / m.sum(-1, keepdim=True) * 0.8 for m in maps]
+
+
+def test_gradcam_is_the_mean_over_heads_of_the_positive_part():
+    attention = torch.tensor([[[[0.5, 0.5]], [[0.2, 0.8]], [[1.0, 0.0]]]])  # (1, 3 heads, 1, 2)
+    gradient = torch.tensor([[[[2.0, -1.0]], [[1.0, 1.0]], [[-3.0, 5.0]]]])
+    np.testing.assert_allclose(gradcam(attention, gradient, None), [[(1.0 + 0.2 + 0) / 3, (0 + 0.8 + 0) / 3]])
+    np.testing.assert_allclose(gradcam(attention, gradient, [0, 2]), [[0.5, 0.0]])
+    assert (gradcam(attention, None, None) == 0).all()  # the logit does not depend on this map
+
+
+def test_relevancy_row_is_the_row_of_the_rolled_out_product():
+    gen = torch.Generator().manual_seed(0)
+    cams = _cams(gen, 3, 6)
+    full = torch.eye(6)
+    for cam in cams:  # R ← R + Ā R, layer by layer (Chefer et al., eq. 6–7)
+        full = full + cam @ full
+    for row in range(6):
+        torch.testing.assert_close(relevancy_row(cams, row), full[row])
+    assert relevancy_row([], 2).tolist() == [0, 0, 1]  # no layer chosen: the position itself only
+
+
+def test_relevancy_reaches_a_query_through_an_intermediate_position():
+    """Position 5 attends to position 3 in the last layer, position 3 attends to query 1 in the first: relevancy
+    finds query 1 for position 5, the last layer's raw attention row does not (it sees position 3 only)."""
+    first, last = torch.zeros(6, 6), torch.zeros(6, 6)
+    first[3, 1] = 1.0
+    last[5, 3] = 1.0
+    row = relevancy_row([first, last], 5)
+    assert row[1] == 1.0 and row[3] == 1.0 and row[[0, 2, 4]].sum() == 0
+    assert last[5, :3].sum() == 0
+
+
+def test_query_relevancy_follows_the_recurrence_and_mixes_queries():
+    gen = torch.Generator().manual_seed(1)
+    q, text, image = 3, 2, 5
+    self_cams = _cams(gen, 3, q + text)
+    cross = dict(zip([0, 2], _cams(gen, 2, q, image), strict=True))
+    full = torch.zeros(q + text, image)
+    for i, cam in enumerate(self_cams):  # R ← (I + Ā_self) R; R[:Q] += Ā_cross
+        full = full + cam @ full
+        if i in cross:
+            full[:q] += cross[i]
+    torch.testing.assert_close(query_relevancy(self_cams, cross, q), full[:q])
+    # Query 0 reads nothing itself, but in the last layer attends to query 1, which read image token 4 before.
+    self_cams = [torch.zeros(q + text, q + text) for _ in range(2)]
+    self_cams[1][0, 1] = 1.0
+    read = torch.zeros(q, image)
+    read[1, 4] = 1.0
+    assert query_relevancy(self_cams, {0: read}, q)[0].tolist() == [0, 0, 0, 0, 1.0]
+
+
+def test_encoder_decoder_row_follows_the_recurrence():
+    gen = torch.Generator().manual_seed(2)
+    te, td = 5, 4
+    encoder = _cams(gen, 2, te)
+    decoder = list(zip(_cams(gen, 2, td), _cams(gen, 2, td, te), strict=True))
+    r_ee = torch.eye(te)
+    for cam in encoder:
+        r_ee = r_ee + cam @ r_ee
+    r_dd, r_de = torch.eye(td), torch.zeros(td, te)
+    for self_cam, cross_cam in decoder:  # self-attention, then cross-attention to the encoder's outputs
+        r_dd, r_de = r_dd + self_cam @ r_dd, r_de + self_cam @ r_de
+        r_de = r_de + cross_cam @ r_ee
+    for row in range(td):
+        torch.testing.assert_close(encoder_decoder_row(encoder, decoder, row, te), r_de[row])
+
+
+def test_rows_without_relevancy_become_uniform():
+    x = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    assert normalize_rows(x).tolist() == [[0.25, 0.75], [0.5, 0.5]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients: the recorded weights are the ones the output was computed from.
+
+
+def _logit_and_weights(lm, embeds: torch.Tensor, decoder_ids: torch.Tensor | None, eager: bool):
+    """(the logit of token 7 at the last position, the attention weights per module in layer order) — ours through
+    ``lm_attention.recording(in_graph=True)``, or transformers' eager attention with ``output_attentions``."""
+    kwargs = {"inputs_embeds": embeds}
+    if decoder_ids is not None:
+        kwargs["decoder_input_ids"] = decoder_ids
+    with torch.enable_grad():
+        if eager:
+            out = lm(**kwargs, output_attentions=True)
+            if decoder_ids is None:
+                weights = list(out.attentions)
+            else:
+                weights = [*out.encoder_attentions, *out.decoder_attentions, *out.cross_attentions]
+        else:
+            groups = relevancy.lm_modules(lm)
+            modules = [m for key in ("encoder", "self", "cross") for m in groups.get(key, [])]
+            with lm_attention.recording(modules, in_graph=True) as records:
+                out = lm(**kwargs)
+            weights = [records[m][0] for m in modules]
+        return out.logits[0, -1, 7], weights, out.logits.detach()
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_gradients_reach_the_recorded_lm_weights_as_in_eager_attention(checkpoint_dir, family, lm):
+    """The same LM twice: our SDPA wrapper recording in the graph, and transformers' eager attention (which returns
+    the very weights it multiplies the values with). Same logits, same weights, same gradients."""
+    folder = checkpoint_dir(family, lm)
+    ours = blipdemo.load(folder, dtype="float32").language_model
+    eager = blipdemo.load(folder, dtype="float32").language_model
+    eager.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 9, ours.config.hidden_size if lm != "t5" else ours.config.d_model, generator=gen)
+    decoder_ids = torch.tensor([[0, 5, 9, 12]]) if lm == "t5" else None
+    logit, weights, logits = _logit_and_weights(ours, embeds, decoder_ids, eager=False)
+    ref_logit, ref_weights, ref_logits = _logit_and_weights(eager, embeds, decoder_ids, eager=True)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert len(weights) == len(ref_weights) and all(w.requires_grad for w in weights)
+    grads = torch.autograd.grad(logit, weights)
+    ref_grads = torch.autograd.grad(ref_logit, ref_weights)
+    for w, ref_w, g, ref_g in zip(weights, ref_weights, grads, ref_grads, strict=True):
+        torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-4)
+        assert g.abs().max() > 0
+    assert all(p.grad is None for p in ours.parameters()), "gradients are taken on activations only"
+
+
+def test_qformer_output_is_computed_from_the_recorded_probabilities(loaded, images):
+    vlm = loaded("instructblip", "llama")
+    inputs = vlm.prepare(images[0], PROMPT)
+    image_embeds = vlm.image_tokens([inputs]).clone()
+    modules = vlm.model.qformer.self_attention_modules() + vlm.model.qformer.cross_attention_modules()
+    with torch.inference_mode():
+        plain = vlm.model.query_outputs(image_embeds, inputs.qformer_input_ids)
+    with torch.enable_grad(), recording(modules, in_graph=True) as records:
+        out = vlm.model.query_outputs(image_embeds, inputs.qformer_input_ids)
+    torch.testing.assert_close(out.detach(), plain, atol=1e-5, rtol=1e-5)
+    probs = [records[m][0] for m in modules]
+    grads = torch.autograd.grad(out[0, 1].sum(), probs)
+    assert all(g.abs().max() > 0 for g in grads), "every recorded map must be where the output came from"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end.
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_relevancy_maps_are_probability_maps_and_text_equals_ask(loaded, images, family, lm):
+    vlm = loaded(family, lm)
+    grid = vlm.config.vision_config.image_size // vlm.config.vision_config.patch_size
+    q = vlm.config.num_query_tokens
+    requires_grad = [p.requires_grad for p in vlm.model.parameters()]
+    e = vlm.explain(images[1], PROMPT, max_new_tokens=6, num_beams=1, method="relevancy")
+    assert e.method == "relevancy" and e.text == vlm.ask(images[1], PROMPT, max_new_tokens=6, num_beams=1)
+    assert e.token_maps.shape == (len(e.tokens), grid, grid) and e.image_map.shape == (grid, grid)
+    assert e.query_maps.shape == (q, grid, grid) and e.query_weights.shape == (len(e.tokens), q)
+    np.testing.assert_allclose(e.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(e.query_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(e.query_weights.sum(axis=1), 1.0, atol=1e-9)
+    assert abs(e.image_map.sum() - 1) < 1e-9 and (e.token_maps >= 0).all()
+    # Gradients were taken on activations only: nothing changed on the model, nothing left behind.
+    assert [p.requires_grad for p in vlm.model.parameters()] == requires_grad
+    assert all(p.grad is None for p in vlm.model.parameters())
+    assert torch.is_grad_enabled()
+    assert e.text == vlm.explain(images[1], PROMPT, max_new_tokens=6, num_beams=1).text
+
+
+def _unit_gradients(monkeypatch) -> None:
+    """Every gradient replaced by ones: gradient-weighted attention becomes attention, and relevancy the rollout of
+    the hand-built pattern (whose real gradients have random signs in a random model)."""
+    monkeypatch.setattr(relevancy, "gradients", lambda target, records: [torch.ones_like(r) for r in records])
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_relevancy_follows_the_hand_built_pattern_through_both_hops(checkpoint_dir, images, monkeypatch, family, lm):
+    """test_attention's rig (query q reads patch QUERY_PATCH[q]; token t is produced looking at query STEP_QUERY[t])
+    with unit gradients: relevancy must carry each token to its query and each query to its patch — through the
+    right rows and columns, T5's encoder and decoder included."""
+    vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32")
+    inputs = vlm.prepare(images[0], PROMPT)
+    _rig_qformer(vlm, inputs)
+    first_row = 0 if vlm.is_encoder_decoder else vlm.config.num_query_tokens + inputs.input_ids.shape[1] - 1
+    _steer_lm(monkeypatch, vlm, first_row)
+    _unit_gradients(monkeypatch)
+    e = vlm.explain(images[0], PROMPT, answer=ANSWER, method="relevancy")
+    # Lower shares than raw attention's: relevancy also follows the random self-attention that mixes queries (in
+    # the Q-Former) and positions (in the LM), which raw attention ignores; the peaks must stay where they were put.
+    _check_hops(e, len(QUERY_PATCH), map_share=0.4, weight_share=0.4)
+    for t, m in enumerate(e.token_maps):
+        expected = QUERY_PATCH[STEP_QUERY[t % len(STEP_QUERY)]]
+        assert m.flatten().argmax() == expected and m.flatten()[expected] > 0.3, (t, m.flatten().round(3))
+
+
+def test_relevancy_layer_and_head_choice(checkpoint_dir, images, monkeypatch):
+    """As test_attention's choice tests, with unit gradients: only the rigged Q-Former layer/head and the steered LM
+    layer/head carry the pattern; the others do not."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
+    rig = {"qformer_layers": [1], "qformer_heads": [2], "lm_layers": [1], "lm_heads": [3]}
+    _, explain = _rigged(vlm, images, monkeypatch, **rig)
+    _unit_gradients(monkeypatch)
+    chosen = explain(method="relevancy", qformer_layers=[-1], qformer_heads=[2], lm_layers=[1], lm_heads=[-1])
+    _check_hops(chosen, len(QUERY_PATCH))
+    flat = explain(method="relevancy", qformer_layers=[0], lm_layers=[1], lm_heads=[3])
+    np.testing.assert_allclose(flat.query_maps, 1 / flat.query_maps[0].size, rtol=1e-5)
+    targets = [STEP_QUERY[t % len(STEP_QUERY)] for t in range(len(chosen.tokens))]
+    for options in ({"lm_layers": [0]}, {"lm_layers": [1], "lm_heads": [0, 1]}):
+        other = explain(method="relevancy", **options)
+        assert (other.query_weights.argmax(1) != targets).any(), other.query_weights.round(2)
+
+
+def test_relevancy_in_one_thread_leaves_other_threads_on_the_wrapped_function(loaded, images, monkeypatch):
+    """While one thread makes relevancy maps (the LM's output computed from its weights, in the graph), a generation
+    in another thread runs the wrapped SDPA as ever: same answer, and no weights computed in that thread. The
+    relevancy pass waits, inside its first in-graph attention call, until the generation has taken two steps (which
+    waits, after its first steps, until the relevancy pass has begun)."""
+    vlm = loaded("instructblip", "llama")
+    alone = vlm.ask(images[2], PROMPT, max_new_tokens=24, min_new_tokens=24, num_beams=1)
+    lm = vlm.language_model
+    forward, steps, begun, caller = lm.forward, [], threading.Event(), threading.current_thread()
+
+    def slow(*args, **kwargs):  # 20 ms a step; the generation's fourth on only once the relevancy pass is under way
+        steps.append(threading.current_thread())
+        if steps[-1] is not caller and len(steps) > 3:
+            begun.wait(timeout=30)
+        threading.Event().wait(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "forward", slow)
+    answer = vlm.start(images[2], PROMPT, options={"max_new_tokens": 24, "min_new_tokens": 24, "num_beams": 1})
+    pieces = []
+    reader = threading.Thread(target=lambda: pieces.extend(answer), daemon=True)
+    reader.start()
+    for _ in range(3000):  # until the generation has begun
+        if steps:
+            break
+        threading.Event().wait(0.01)
+    generating = steps[0]
+    made = lambda: sum(t is generating for t in steps)  # noqa: E731
+    in_graph, weights, computed, overlap = lm_attention._in_graph, lm_attention._weights, [], []
+
+    def in_graph_spy(*args, **kwargs):
+        computed.append(threading.current_thread())
+        if not overlap:  # the first in-graph call of the relevancy pass: let the generation step meanwhile
+            start = made()
+            begun.set()
+            for _ in range(500):
+                if made() >= start + 2:
+                    break
+                threading.Event().wait(0.01)
+            overlap.append(made() - start)
+        return in_graph(*args, **kwargs)
+
+    def weights_spy(*args, **kwargs):
+        computed.append(threading.current_thread())
+        return weights(*args, **kwargs)
+
+    monkeypatch.setattr(lm_attention, "_in_graph", in_graph_spy)
+    monkeypatch.setattr(lm_attention, "_weights", weights_spy)
+    e = vlm.explain(images[0], PROMPT, answer="red and green", method="relevancy")
+    reader.join(timeout=60)
+    assert "".join(pieces).strip() == alone
+    assert overlap[0] >= 2 and made() > overlap[0], "the maps were not made during the generation"
+    assert computed and all(t is threading.current_thread() for t in computed)
+    assert abs(e.image_map.sum() - 1) < 1e-9
+
+
+def test_relevancy_with_8bit_lm(checkpoint_dir, images):
+    """bitsandbytes' 8-bit matmul passes gradients to its inputs: relevancy works on an 8-bit LM."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama", lm_width=64), dtype="bfloat16", load_in_8bit=True)
+    e = vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1, method="relevancy")
+    assert e.text == vlm.ask(images[1], PROMPT, max_new_tokens=4, num_beams=1)
+    assert abs(e.image_map.sum() - 1) < 1e-9 and np.isfinite(e.token_maps).all()
+    assert len({row.tobytes() for row in e.query_weights}) > 1, "the tokens' weights differ: gradients came through"
