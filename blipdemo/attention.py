@@ -148,15 +148,21 @@ class Explanation:
             if not -len(self.tokens) <= token < len(self.tokens):
                 raise IndexError(f"token {token} is out of range: the answer has {len(self.tokens)} tokens")
             heat = self.token_maps[token]
-        width, height = self.image.size
-        # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
-        up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
-        peak = up.max()
-        up = np.clip(up, 0.0, None) / peak if peak > 0 else np.zeros_like(up)  # bicubic may undershoot below 0
-        rgb, opacity = heat_colors(up)
-        base = np.asarray(self.image, dtype=np.float32)
-        weight = opacity[..., None]
-        return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
+        return paint(self.image, heat)
+
+
+def paint(image: Image.Image, heat: np.ndarray) -> Image.Image:
+    """A (gh, gw) map over ``image``, at the image's own size: colored where the map is strong (opacity follows it),
+    the photo untouched where it is weak (``heat_colors``)."""
+    width, height = image.size
+    # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
+    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
+    peak = up.max()
+    up = np.clip(up, 0.0, None) / peak if peak > 0 else np.zeros_like(up)  # bicubic may undershoot below 0
+    rgb, opacity = heat_colors(up)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    weight = opacity[..., None]
+    return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
 
 
 def check_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -317,7 +323,7 @@ def explain_answer(
     lm_heads: Sequence[int] | int | None = None,
 ) -> Explanation:
     """Maps for ``answer_ids`` (what generation produced for the prepared ``inputs``), from one teacher-forced pass
-    ("relevancy": plus one backward pass per token); the layers and heads of each hop as ``map_selection`` says.
+    ("relevancy": plus the tokens' backward passes); the layers and heads of each hop as ``map_selection`` says.
 
     Both hops are recorded in this thread only (the Q-Former's explicit path, ``lm_attention.recording``): other
     requests generating with the same model at the same time run exactly as before.
@@ -325,32 +331,48 @@ def explain_answer(
     selection = map_selection(
         service.model, method, qformer_layers, qformer_heads, lm_layers, lm_heads, aggregate=aggregate
     )
+    return explain_selections(service, inputs, answer_ids, text, [selection])[0]
+
+
+def explain_selections(
+    service, inputs, answer_ids: torch.Tensor, text: str, selections: Sequence[MapSelection]
+) -> list[Explanation]:
+    """One ``Explanation`` per selection (from ``map_selection``), the selections of a method sharing its passes:
+    one teacher-forced pass for "attention", one pass and the tokens' gradients for "relevancy"."""
     model = service.model
     grid = tuple(s // model.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
     pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
     keep = [i for i, piece in enumerate(pieces) if piece]
     which = keep or list(range(len(pieces)))  # no visible token: the whole-answer map is that of them all
-    if selection.method == "attention":
-        C, R = attention_hops(service, inputs, answer_ids, selection, grid)  # (Q, P), (n, Q)
-        maps = (R.to(C.device) @ C)[which].cpu()  # (len(which), P): every row, then the visible ones
-        C, R = C.cpu(), R[which].cpu()
-        query_maps = C
-    else:
-        R, Cs = relevancy_hops(service, inputs, answer_ids, selection, which)  # (len(which), Q), (len(which), Q, P)
-        maps = torch.einsum("tq,tqp->tp", R, Cs)
-        query_maps = Cs.mean(0)
+    hops = {}  # selection → (maps (len(which), P), query maps (Q, P), weights (len(which), Q))
+    for method in dict.fromkeys(s.method for s in selections):
+        chosen = list(dict.fromkeys(s for s in selections if s.method == method))
+        if method == "attention":
+            results = attention_hops(service, inputs, answer_ids, chosen, grid)  # per selection: C (Q, P), R (n, Q)
+            for selection, (C, R) in zip(chosen, results, strict=True):
+                maps = (R.to(C.device) @ C)[which].cpu()  # every row, then the visible ones (as the maps always were)
+                hops[selection] = (maps, C.cpu(), R[which].cpu())
+        else:
+            results = relevancy_hops(service, inputs, answer_ids, chosen, which)  # R (n, Q), per-token C (n, Q, P)
+            for selection, (R, Cs) in zip(chosen, results, strict=True):
+                hops[selection] = (torch.einsum("tq,tqp->tp", R, Cs), Cs.mean(0), R)
+    image = inputs.image
+    return [_explanation(text, pieces, keep, grid, image, selection, *hops[selection]) for selection in selections]
+
+
+def _explanation(text, pieces, keep, grid, image, selection, maps, query_maps, weights) -> Explanation:
+    """The ``Explanation`` of one selection's maps (len(which), P), query maps (Q, P) and weights (len(which), Q)."""
     maps = maps.reshape(-1, *grid)  # (len(which), gh, gw)
     whole = maps.mean(0).numpy().astype(np.float64)
-    token_maps = _rows_to_one(maps[: len(keep)].numpy(), axis=(1, 2))  # which is keep, or no token is visible
     return Explanation(
         text=text,
         tokens=[pieces[i] for i in keep],
-        token_maps=token_maps,
+        token_maps=_rows_to_one(maps[: len(keep)].numpy(), axis=(1, 2)),  # which is keep, or no token is visible
         image_map=whole / max(whole.sum(), 1e-300),
-        image=inputs.image,
+        image=image,
         query_maps=_rows_to_one(query_maps.reshape(-1, *grid).numpy(), axis=(1, 2)),
-        query_weights=_rows_to_one(R[: len(keep)].numpy(), axis=(1,)),
+        query_weights=_rows_to_one(weights[: len(keep)].numpy(), axis=(1,)),
         method=selection.method,
         selection=selection,
     )
@@ -362,9 +384,9 @@ def _rows_to_one(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
     return x / np.maximum(x.sum(axis=axis, keepdims=True), 1e-300)
 
 
-def attention_hops(service, inputs, answer_ids: torch.Tensor, selection: MapSelection, grid) -> tuple:
-    """Raw attention, one teacher-forced pass: (C (Q, P) where each query read the picture, R (n, Q) how much each
-    answer token's producing position attended to each query), averaged over the selection's layers and heads."""
+def attention_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence[MapSelection], grid) -> list:
+    """Raw attention, one teacher-forced pass; per selection (C (Q, P) where each query read the picture, R (n, Q) how
+    much each answer token's producing position attended to each query), over the selection's layers and heads."""
     model = service.model
     q = model.config.num_query_tokens
     lm = model.language_model
@@ -373,7 +395,6 @@ def attention_hops(service, inputs, answer_ids: torch.Tensor, selection: MapSele
         with recording(model.qformer.cross_attention_modules()) as records:
             query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
         cross = [r for rec in records.values() for r in rec]
-        C = query_image_maps(cross, grid, layers=selection.qformer_layers, heads=selection.qformer_heads)
         answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
         modules = lm_attention_modules(lm)
         with lm_attention.recording(modules) as lm_records:
@@ -390,6 +411,12 @@ def attention_hops(service, inputs, answer_ids: torch.Tensor, selection: MapSele
                 first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
                 rows = torch.arange(first, first + answer.shape[1])
         attentions = [lm_records[m][0].cpu() for m in modules]  # per layer (1, nh, T, S)
-        aggregate = "qformer" if selection.uniform_lm else "mean"
-        R = token_query_weights(attentions, rows, q, aggregate, layers=selection.lm_layers, heads=selection.lm_heads)
-    return C, R
+        return [
+            (
+                query_image_maps(cross, grid, layers=s.qformer_layers, heads=s.qformer_heads),
+                token_query_weights(
+                    attentions, rows, q, "qformer" if s.uniform_lm else "mean", layers=s.lm_layers, heads=s.lm_heads
+                ),
+            )
+            for s in selections
+        ]

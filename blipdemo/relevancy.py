@@ -15,15 +15,15 @@ that produced it with respect to an attention map A (B, heads, Tq, Tk):
   direct (R += Ā_cross), without the rule's (R̄ˢˢ)ᵀ factor: the same residual accounting as the self-attention rule.
 
 Gradients come from ``torch.autograd.grad`` on activations only (the recorded attention maps, in the graph of the
-output: ``qformer.recording`` and ``lm_attention.recording`` with ``in_graph=True``), one backward pass per token on
-one retained graph; parameters are never changed, and no ``.grad`` is accumulated. Unselected layers of a hop count
-as identity (their residual stream only); the Q-Former's self-attention always takes all its layers and heads.
+output: ``qformer.recording`` and ``lm_attention.recording`` with ``in_graph=True``), the answer's tokens sharing
+batched backward passes on one retained graph; parameters are never changed, and no ``.grad`` is accumulated.
+Unselected layers of a hop count as identity (their residual stream only); the Q-Former's self-attention always takes
+all its layers and heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 
@@ -105,9 +105,41 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, x / total.clamp_min(1e-30), uniform)
 
 
-def gradients(target: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """∂target/∂record for each recorded map (None where the target does not depend on it); the graph is kept."""
-    return list(torch.autograd.grad(target, records, retain_graph=True, allow_unused=True))
+GRADIENT_BUDGET = 256 * 2**20  # bytes of gradients held at once: answer tokens share backward passes up to this
+
+
+def gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """∂targets[i]/∂record for each recorded map: (n, *record.shape) per record, or None where no target depends on
+    it; the graph is kept. The n targets share one batched backward pass (``is_grads_batched``) as far as their
+    gradients fit GRADIENT_BUDGET, in chunks beyond; one pass per target where an op has no batching rule."""
+    per_target = 4 * sum(r.numel() for r in records)  # float32 bytes of one target's gradients
+    chunk = max(1, GRADIENT_BUDGET // max(per_target, 1))
+    starts = range(0, len(targets), chunk)
+    parts = [_gradients(targets[i : i + chunk], records) for i in starts]
+    grads = []
+    for record, part in zip(records, zip(*parts, strict=True), strict=True):
+        if all(g is None for g in part):
+            grads.append(None)
+            continue
+        sizes = [len(targets[i : i + chunk]) for i in starts]
+        zeros = [torch.zeros(n, *record.shape, device=record.device) for n in sizes]  # where a chunk had none
+        grads.append(torch.cat([z if g is None else g for g, z in zip(part, zeros, strict=True)]))
+    return grads
+
+
+def _gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """One chunk of ``gradients``: batched when it can be, else target by target."""
+    if len(targets) > 1:
+        eye = torch.eye(len(targets), dtype=targets.dtype, device=targets.device)  # one one-hot seed per target
+        try:
+            grads = torch.autograd.grad(
+                targets, records, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+            return list(grads)
+        except RuntimeError:  # an op without a batching rule (a custom autograd Function, e.g. 8-bit matmuls)
+            pass
+    each = [torch.autograd.grad(t, records, retain_graph=True, allow_unused=True) for t in targets]
+    return [None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True)]
 
 
 def lm_modules(lm) -> dict[str, list[torch.nn.Module]]:
@@ -140,10 +172,12 @@ def _forward(model, inputs, query_embeds: torch.Tensor, answer: torch.Tensor) ->
     return logits, torch.arange(first, first + answer.shape[1])
 
 
-def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selection, which: Sequence[int]):
-    """Per answer token in ``which``: (query weights R (n, Q), query maps C (n, Q, P)), both row-normalized.
+def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence, which: Sequence[int]) -> list:
+    """Per selection (``attention.MapSelection``), for the answer tokens in ``which``: (query weights R (n, Q), query
+    maps C (n, Q, P)), both row-normalized.
 
-    One forward pass with every attention map in the graph (this thread only), then one backward pass per token."""
+    One forward pass with every attention map in the graph (this thread only), then the tokens' gradients (batched
+    backward passes, ``gradients``); the selections share them — they only choose what is propagated."""
     model = service.model
     q = model.config.num_query_tokens
     modules = lm_modules(model.language_model)
@@ -158,20 +192,30 @@ def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selection, which: 
         with lm_attention.recording(lm_list, in_graph=True) as lm_records:
             logits, rows = _forward(model, inputs, query_embeds, answer)
         maps = {m: q_records[m][0] for m in qf_self + qf_cross} | {m: lm_records[m][0] for m in lm_list}
-        order = list(maps)
-        weights, query_maps = [], []
-        for t in which:
-            target = logits[0, rows[t], answer[0, t]]
-            grads = dict(zip(order, gradients(target, [maps[m] for m in order]), strict=True))
-            with torch.no_grad():
-                cam = partial(_cam, maps, grads)  # (module, heads) → that map's Ā for this token, (Tq, Tk)
+        steps = list(which)
+        targets = logits[0, rows[steps].to(logits.device), answer[0, steps].to(logits.device)]  # (n,) their logits
+        grads = dict(zip(maps, gradients(targets, list(maps.values())), strict=True))  # {module: (n, 1, nh, Tq, Tk)}
+    results = [([], []) for _ in selections]
+    with torch.no_grad():
+        for k, t in enumerate(steps):
+            cam = _TokenCams(maps, {m: None if g is None else g[k] for m, g in grads.items()})
+            for selection, (weights, query_maps) in zip(selections, results, strict=True):
                 weights.append(_lm_row(modules, cam, selection, int(rows[t]), q))
                 query_maps.append(_query_maps(qf_self, qf_cross, cam, selection, q, model))
-    return normalize_rows(torch.stack(weights)), normalize_rows(torch.stack(query_maps))
+    return [(normalize_rows(torch.stack(w)), normalize_rows(torch.stack(c))) for w, c in results]
 
 
-def _cam(maps: dict, grads: dict, module, heads: Sequence[int] | None) -> torch.Tensor:
-    return gradcam(maps[module], grads[module], heads).cpu()
+class _TokenCams:
+    """One token's Ā per (module, heads), computed once and shared by the selections: (Tq, Tk) float32 on the CPU."""
+
+    def __init__(self, maps: dict, grads: dict) -> None:
+        self.maps, self.grads, self.cache = maps, grads, {}
+
+    def __call__(self, module, heads: Sequence[int] | None) -> torch.Tensor:
+        key = (module, None if heads is None else tuple(heads))
+        if key not in self.cache:
+            self.cache[key] = gradcam(self.maps[module], self.grads[module], heads).cpu()
+        return self.cache[key]
 
 
 def _lm_row(modules, cam, selection, row: int, num_queries: int) -> torch.Tensor:

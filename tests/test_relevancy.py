@@ -102,6 +102,39 @@ def test_rows_without_relevancy_become_uniform():
     assert normalize_rows(x).tolist() == [[0.25, 0.75], [0.5, 0.5]]
 
 
+class _NoBatchingRule(torch.autograd.Function):
+    """× 2, with a backward that reads a value (``.item()``): vmap cannot batch it, as some custom kernels."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2 * (1.0 if grad.sum().item() == grad.sum().item() else 0.0)
+
+
+@pytest.mark.parametrize("batching", ["batched", "chunks of 2", "no batching rule"])
+def test_gradients_of_several_targets_are_each_targets_own(monkeypatch, batching):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 5, generator=gen, requires_grad=True)
+    first = (x @ x.T).softmax(-1)  # (4, 4): a recorded map
+    used = _NoBatchingRule.apply(first) if batching == "no batching rule" else first * 2
+    second = (used @ x).tanh()  # (4, 5)
+    unused = x * 3
+    targets = torch.cat([second[:, 0], first[1:3, 2]])  # 6 logits
+    records = [first, second, unused]
+    if batching == "chunks of 2":
+        monkeypatch.setattr(relevancy, "GRADIENT_BUDGET", 2 * 4 * sum(r.numel() for r in records))
+    grads = relevancy.gradients(targets, records)
+    assert grads[2] is None
+    for i, target in enumerate(targets):
+        expected = torch.autograd.grad(target, records[:2], retain_graph=True)
+        for g, e in zip(grads[:2], expected, strict=True):
+            assert g.shape == (len(targets), *e.shape)
+            torch.testing.assert_close(g[i], e)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients: the recorded weights are the ones the output was computed from.
 
@@ -195,7 +228,8 @@ def test_relevancy_maps_are_probability_maps_and_text_equals_ask(loaded, images,
 def _unit_gradients(monkeypatch) -> None:
     """Every gradient replaced by ones: gradient-weighted attention becomes attention, and relevancy the rollout of
     the hand-built pattern (whose real gradients have random signs in a random model)."""
-    monkeypatch.setattr(relevancy, "gradients", lambda target, records: [torch.ones_like(r) for r in records])
+    unit = lambda targets, records: [torch.ones(len(targets), *r.shape) for r in records]  # noqa: E731
+    monkeypatch.setattr(relevancy, "gradients", unit)
 
 
 @pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
