@@ -22,7 +22,7 @@ import reference_env
 from conftest import OFFLINE
 
 import blipdemo
-from blipdemo.attention import AGGREGATIONS
+from blipdemo.attention import AGGREGATIONS, METHODS
 from blipdemo.tiny import EMBEDDED_MODEL, scenes
 from blipdemo.tiny.evaluate import EVAL_SEED
 
@@ -110,9 +110,17 @@ def test_embed_speed_against_diffusers(tmp_path):
 def test_pointing_game(tmp_path):
     stdout = run("benchmarks/pointing_game.py", "--model", str(EMBEDDED_MODEL), "--scenes", "2")
     assert "| pointing game (2 fresh scenes, box + 15 px) | hit rate |" in stdout
-    for family in ("where", "color", "describe", "relation"):
-        for aggregation in (*AGGREGATIONS, "random patch"):
+    for family in ("where", "color", "describe", "relation", "reverse describe"):
+        baseline = "random word" if family == "reverse describe" else "random patch"
+        for aggregation in (*AGGREGATIONS, baseline):
             assert re.search(rf"\| {family} / {aggregation} \| \d+\.\d% \|", stdout), (family, aggregation)
+    # Methods × aggregations × question types, and what the maps of one answer cost per method.
+    columns = [f"{method} {aggregation}" for method in METHODS for aggregation in AGGREGATIONS]
+    assert f"| question (cases) | {' | '.join(columns)} | random |" in stdout
+    for family in ("where", "color", "describe", "relation", "reverse describe"):
+        assert re.search(rf"\| {family} \(\d+\)( \| \d+\.\d%){{{len(columns) + 1}}} \|", stdout), family
+    for method in METHODS:
+        assert re.search(rf"- {method}: \d+ ms", stdout), method
 
 
 def test_load_test_with_distinct_requests():
