@@ -123,6 +123,16 @@ def test_pointing_game(tmp_path):
         assert re.search(rf"- {method}: \d+ ms", stdout), method
 
 
+def test_explain_cost():
+    stdout = run("benchmarks/explain_cost.py", "--runs", "1", "--only-embedded")
+    assert stdout.startswith("machine: ") and "matmul peak" in stdout
+    assert "| model | operation | answer tokens | time (median of 1) | × ask | peak memory above the model |" in stdout
+    for operation in ("ask", "explain attention", "explain relevancy", "maps attention", "maps relevancy"):
+        figures = r"\d+ \| [\d.]+ ms \| [\d.]+ \| -?[\d.]+ MiB"
+        assert re.search(rf"\| embedded \(shapes-instructblip\) \(float32\) \| {operation} \| {figures} \|", stdout)
+    assert re.search(r"- embedded \(shapes-instructblip\): [\d.]+× the time; [\d.]+× the peak memory", stdout)
+
+
 def test_load_test_with_distinct_requests():
     stdout = run("benchmarks/load_test.py", "--clients", "5", "--queue-size", "2")
     assert "| client | image | question sent | expected | outcome | answer | latency |" in stdout
