@@ -34,7 +34,7 @@ from PIL import Image
 
 from . import lm_attention
 from .qformer import recording
-from .relevancy import relevancy_hops
+from .relevancy import check_differentiable, relevancy_hops
 
 # matplotlib's "inferno" sampled at 17 points: perceptually uniform, dark → bright, readable over photos.
 INFERNO = np.array(
@@ -235,6 +235,8 @@ def map_selection(
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
     if model.language_model is None:
         raise ValueError("This model was loaded without its language model: it has no answers to explain.")
+    if method == "relevancy":
+        check_differentiable(model.language_model)
     if aggregate == "last":
         qformer_layers = [-1] if qformer_layers is None else qformer_layers
         lm_layers = [-1] if lm_layers is None else lm_layers

@@ -142,6 +142,17 @@ def _gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch
     return [None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True)]
 
 
+def check_differentiable(lm) -> None:
+    """Refuse an LM whose layers pass no gradient back to their inputs, before any model work: bitsandbytes' 4-bit
+    layers on the CPU run a kernel without a backward (PyTorch would only warn, and every map would come out flat)."""
+    for module in lm.modules():
+        if type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu":
+            raise ValueError(
+                "method='relevancy' needs gradients through the language model, and bitsandbytes' 4-bit layers on "
+                "the CPU compute without any: use method='attention', or load the LM in 8-bit or in floating point."
+            )
+
+
 def lm_modules(lm) -> dict[str, list[torch.nn.Module]]:
     """The LM's attention modules relevancy records, in layer order: decoder-only {"self": …}; T5 {"encoder": …,
     "self": decoder self-attention, "cross": decoder cross-attention}."""
@@ -195,6 +206,11 @@ def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequen
         steps = list(which)
         targets = logits[0, rows[steps].to(logits.device), answer[0, steps].to(logits.device)]  # (n,) their logits
         grads = dict(zip(maps, gradients(targets, list(maps.values())), strict=True))  # {module: (n, 1, nh, Tq, Tk)}
+    if all(g is None or not g.any() for g in grads.values()):
+        raise RuntimeError(
+            "Relevancy: no gradient of the answer's logits reached any attention map (a layer of the model computes "
+            "without a backward); use method='attention'."
+        )
     results = [([], []) for _ in selections]
     with torch.no_grad():
         for k, t in enumerate(steps):

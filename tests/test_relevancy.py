@@ -332,3 +332,21 @@ def test_relevancy_with_8bit_lm(checkpoint_dir, images):
     assert e.text == vlm.ask(images[1], PROMPT, max_new_tokens=4, num_beams=1)
     assert abs(e.image_map.sum() - 1) < 1e-9 and np.isfinite(e.token_maps).all()
     assert len({row.tobytes() for row in e.query_weights}) > 1, "the tokens' weights differ: gradients came through"
+
+
+def test_relevancy_refuses_4bit_lms_on_the_cpu(checkpoint_dir, images):
+    """bitsandbytes' 4-bit CPU kernel has no backward (PyTorch only warns; every map would be flat): a clear error
+    before any model work. Raw attention maps still work there."""
+    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama", lm_width=64), dtype="bfloat16", load_in_4bit=True)
+    with pytest.raises(ValueError, match="4-bit layers on the CPU"):
+        vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1, method="relevancy")
+    e = vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1)
+    assert abs(e.image_map.sum() - 1) < 1e-9
+
+
+def test_relevancy_without_any_gradient_is_an_error(loaded, images, monkeypatch):
+    vlm = loaded("instructblip", "llama")
+    zeros = lambda targets, records: [torch.zeros(len(targets), *r.shape) for r in records]  # noqa: E731
+    monkeypatch.setattr(relevancy, "gradients", zeros)
+    with pytest.raises(RuntimeError, match="no gradient of the answer's logits reached any attention map"):
+        vlm.explain(images[0], PROMPT, answer="red", method="relevancy")
