@@ -8,10 +8,11 @@
 Per model, one fixed image and question, greedy decoding; five operations:
 - ``ask``; ``explain`` with method "attention" and with method "relevancy" (each generates, then maps);
 - the maps alone, for the answer ``ask`` gave (``explain(..., answer=text)``: no generation), per method.
-Time: median of ``--runs`` calls after a first one. Memory: each operation runs in a fresh process; on the CPU the
-peak resident memory of its first call above the loaded model (VmHWM reset through /proc/self/clear_refs just before
-the call), on a GPU ``torch.cuda.max_memory_allocated`` above the loaded model. The machine line comes first
-(speed.py's ``machine``).
+Time: median of ``--runs`` calls after a first one, wall clock and CPU time of the process (the CPU time stays
+meaningful on a machine busy with other work, with ``--threads 1``). Memory: each operation runs in a fresh process;
+on the CPU the peak resident memory of its first call above the loaded model (VmHWM reset through
+/proc/self/clear_refs just before the call), on a GPU ``torch.cuda.max_memory_allocated`` above the loaded model.
+The machine line comes first (speed.py's ``machine``).
 """
 
 from __future__ import annotations
@@ -88,16 +89,23 @@ def child(spec: dict) -> dict:
     base = _reset_peak(device)
     result = call()
     peak = _peak(device) - base
-    times = []
+    times, cpu_times = [], []
     for _ in range(spec["runs"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     text = result if isinstance(result, str) else result.text
     tokens = len(vlm.generate_ids(image, question, **decoding)) if operation == "ask" else None  # EOS included
-    return {"seconds": statistics.median(times), "peak_bytes": peak, "text": text, "tokens": tokens}
+    return {
+        "seconds": statistics.median(times),
+        "cpu_seconds": statistics.median(cpu_times),
+        "peak_bytes": peak,
+        "text": text,
+        "tokens": tokens,
+    }
 
 
 def measure(spec: dict) -> dict:
@@ -152,23 +160,31 @@ def models(args, workdir: Path) -> list[dict]:
 
 
 def report(rows: list[tuple[dict, dict]], runs: int) -> None:
-    """The table, one row per model and operation (the answer's generated tokens, EOS included), with its time's
+    """The table, one row per model and operation (the answer's generated tokens, EOS included), with its CPU time's
     ratio to ``ask``."""
-    print(f"\n| model | operation | answer tokens | time (median of {runs}) | × ask | peak memory above the model |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\n| model | operation | answer tokens | time (median of {runs}) | CPU time (median) | CPU time × ask "
+        "| peak memory above the model |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for model, results in rows:
         ask = results["ask"]
         for operation in OPERATIONS:
             r = results[operation]
             print(
                 f"| {model['name']} ({model['dtype']}) | {operation} | {ask['tokens']} | {1000 * r['seconds']:.1f} ms "
-                f"| {r['seconds'] / ask['seconds']:.2f} | {r['peak_bytes'] / 2**20:.1f} MiB |"
+                f"| {1000 * r['cpu_seconds']:.1f} ms | {r['cpu_seconds'] / max(ask['cpu_seconds'], 1e-9):.2f} "
+                f"| {r['peak_bytes'] / 2**20:.1f} MiB |"
             )
-    print("\nrelevancy / attention, the maps alone (time; peak memory):")
+    print("\nrelevancy / attention, the maps alone (time; CPU time; peak memory):")
     for model, results in rows:
         a, r = results["maps attention"], results["maps relevancy"]
+        cpu = r["cpu_seconds"] / max(a["cpu_seconds"], 1e-9)
         memory = r["peak_bytes"] / max(a["peak_bytes"], 1)
-        print(f"- {model['name']}: {r['seconds'] / a['seconds']:.1f}× the time; {memory:.1f}× the peak memory")
+        print(
+            f"- {model['name']}: {r['seconds'] / a['seconds']:.1f}× the time; {cpu:.1f}× the CPU time; "
+            f"{memory:.1f}× the peak memory"
+        )
 
 
 def main() -> None:
