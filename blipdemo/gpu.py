@@ -121,8 +121,8 @@ def answer(
             finally:
                 reader.cancel()
         if maps and text.strip() and not stop.is_set():
-            e = vlm.explain_prepared(answer_.inputs, answer_.ids, text.strip())
-            yield "maps", {"text": e.text, "tokens": e.tokens, "token_maps": e.token_maps, "image_map": e.image_map}
+            ids = answer_.ids
+            yield "maps", {**maps_data(vlm.explain_prepared(answer_.inputs, ids, text.strip())), "ids": ids.tolist()}
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from e
     except torch.OutOfMemoryError as e:
@@ -131,3 +131,44 @@ def answer(
         raise gr.Error(
             "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
         ) from e
+
+
+def maps_data(e) -> dict:
+    """An ``Explanation`` as plain data (it pickles across a ZeroGPU fork): the picture stays with the caller."""
+    return {
+        "text": e.text,
+        "tokens": e.tokens,
+        "token_maps": e.token_maps,
+        "image_map": e.image_map,
+        "query_maps": e.query_maps,
+        "query_weights": e.query_weights,
+        "method": e.method,
+    }
+
+
+@on_gpu
+def remap(
+    model: str,
+    image: str,
+    instruction: str,
+    history: Sequence[tuple[str, str]],
+    template: bool,
+    max_new_tokens: int,
+    ids: list[int],
+    selection: dict,
+) -> dict:
+    """The maps of an answer already given (its token ``ids``, asked with ``max_new_tokens``, which decides how much
+    history fitted) with another method, layers or heads (``selection``: ``Service.explain``'s map options): one
+    teacher-forced pass (relevancy: and its backward passes), no generation. Errors as in ``answer``."""
+    if os.getpid() != _home:
+        torch.set_num_threads(1)  # see answer
+    vlm = _models[model]
+    try:
+        inputs = vlm.prepare(image, instruction, history, max_new_tokens, template=template)
+        return maps_data(vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), **selection))
+    except (ImageError, ValueError) as e:
+        raise gr.Error(str(e)) from e
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise gr.Error("The model ran out of memory making these maps. Try the attention method.") from e

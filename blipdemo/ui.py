@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import gradio as gr
+import numpy as np
+from PIL import ImageDraw
 
 from . import gpu
-from .attention import Explanation, legend_css
+from .attention import Explanation, legend_css, lm_attention_modules, paint
 from .control import Generations
 from .decoding import INSTRUCTBLIP_DEFAULTS, DecodingOptions
 from .images import ImageError, load_image
@@ -30,6 +33,9 @@ MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 WHOLE_ANSWER = "Whole answer"
+ALL = "All (mean)"  # a map settings' choice: the mean over every layer / head of that hop
+METHODS = {"Attention": "attention", "Relevancy (gradients)": "relevancy"}
+THUMBNAIL = 160  # px, the longer side of a query's map in the gallery
 FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
 TEMPLATE_LABEL = 'Wrap as "Question: … Answer:" (off: the prompt goes to the model exactly as typed, e.g. "a photo of")'
 
@@ -109,6 +115,40 @@ def parse_earlier_turns(text: str | None) -> list[tuple[str, str]]:
         if sep and question.strip() and answer.strip():
             turns.append((question.strip(), answer.strip()))
     return turns
+
+
+@dataclass
+class Shown:
+    """What the maps panel shows: an answer's ``Explanation``, the request it answered (to map it again with other
+    settings) and the map settings it was made with (``Service.explain``'s map options)."""
+
+    explanation: Explanation
+    request: dict  # image, instruction, history, template, max_new_tokens, ids
+    selection: dict = field(default_factory=lambda: dict(DEFAULT_SELECTION))
+
+
+DEFAULT_SELECTION = {
+    "method": "attention",
+    "qformer_layers": None,
+    "qformer_heads": None,
+    "lm_layers": None,
+    "lm_heads": None,
+}
+
+
+def selection_of(method, qformer_layer, qformer_head, lm_layer, lm_head) -> dict:
+    """The map settings' controls → ``Service.explain``'s map options (a choice is 1-based; ALL: None)."""
+
+    def pick(value):
+        return None if value in (None, ALL) else [int(value) - 1]
+
+    return {
+        "method": METHODS.get(method, "attention"),
+        "qformer_layers": pick(qformer_layer),
+        "qformer_heads": pick(qformer_head),
+        "lm_layers": pick(lm_layer),
+        "lm_heads": pick(lm_head),
+    }
 
 
 class Demo:
@@ -207,8 +247,18 @@ class Demo:
                     turn = [*chat, question, {"role": "assistant", "content": value}]
                     yield turn, "", *unchanged
                 else:
+                    ids = value.pop("ids")
                     explanation = Explanation(image=pil, **value)
-                    panel = (explanation, gr.update(visible=True), explanation.overlay(), self._words(explanation))
+                    request_ = dict(
+                        image=image,
+                        instruction=instruction,
+                        history=history,
+                        template=template,
+                        max_new_tokens=opts.max_new_tokens,
+                        ids=ids,
+                    )
+                    shown = Shown(explanation, request_)
+                    panel = (shown, gr.update(visible=True), explanation.overlay(), self._words(explanation))
                     yield turn, "", *panel
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
@@ -221,16 +271,67 @@ class Demo:
         return gr.update(choices=chips, value=-1)
 
     @staticmethod
-    def show_word(explanation, choice):
-        """A chip was clicked: that token's map (or the whole answer's) over the image."""
-        if explanation is None or choice is None:
-            return gr.skip()
-        return explanation.overlay(None if choice == -1 else int(choice))
+    def _token(choice) -> int | None:
+        return None if choice in (None, -1) else int(choice)
+
+    def show_word(self, shown: Shown | None, choice):
+        """A chip was clicked: that token's map (or the whole answer's) over the image, and the queries it drew on."""
+        if shown is None or choice is None:
+            return gr.skip(), gr.skip()
+        return shown.explanation.overlay(self._token(choice)), self._queries(shown, choice)
+
+    def _queries(self, shown: Shown, choice) -> list:
+        """The query gallery: where each query read the picture, ordered by how much the chosen token (or the whole
+        answer) drew on it, with that share as the caption."""
+        e = shown.explanation
+        if e.query_maps is None or e.query_weights is None:
+            return []
+        token = self._token(choice)
+        weights = e.query_weights.mean(0) if token is None else e.query_weights[token]  # (Q,)
+        small = e.image.copy()
+        small.thumbnail((THUMBNAIL, THUMBNAIL))
+        order = np.argsort(-weights, kind="stable")
+        return [(paint(small, e.query_maps[q]), f"query {q + 1} · {100 * weights[q]:.0f}%") for q in order]
+
+    def words_here(self, shown: Shown | None, choice, evt: gr.SelectData):
+        """The picture was clicked: the words whose maps lie most in the patch under the click (the path backwards,
+        ``Explanation.words_in_region``), and that patch outlined on the map."""
+        if shown is None or not isinstance(evt.index, list | tuple) or len(evt.index) != 2:
+            return gr.skip(), gr.skip()
+        e = shown.explanation
+        (width, height), (gh, gw) = e.image.size, e.token_maps.shape[1:]
+        col = min(max(int(evt.index[0] * gw // width), 0), gw - 1)
+        row = min(max(int(evt.index[1] * gh // height), 0), gh - 1)
+        box = (col * width / gw, row * height / gh, (col + 1) * width / gw, (row + 1) * height / gh)
+        scores = e.words_in_region(box)  # (n_tokens,): the share of each token's map inside the box
+        top = float(scores.max()) if len(scores) else 0.0
+        words = [(t, round(float(s) / top, 3) if top > 0 else 0.0) for t, s in zip(e.tokens, scores, strict=True)]
+        heat = e.overlay(self._token(choice))
+        ImageDraw.Draw(heat).rectangle([round(v) for v in box], outline=(255, 255, 255), width=max(2, width // 150))
+        return words, heat
+
+    async def follow_settings(self, shown: Shown | None, choice, *controls):
+        """A new answer's maps, or map settings changed: remap when the settings differ from how the maps were made
+        (one teacher-forced pass on the model, no generation), and show the query gallery."""
+        if shown is None:
+            return gr.skip(), gr.skip(), gr.skip(), [], None
+        selection = selection_of(*controls)
+        if selection == shown.selection:
+            return gr.skip(), gr.skip(), gr.skip(), self._queries(shown, choice), None
+        r = shown.request
+        args = (r["image"], r["instruction"], r["history"], r["template"], r["max_new_tokens"], r["ids"], selection)
+        try:
+            data = await anyio.to_thread.run_sync(lambda: gpu.remap(self.generations.model_key, *args))
+        except gr.Error as e:
+            gr.Warning(html.escape(e.message), title="Could not make these maps")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        new = Shown(Explanation(image=shown.explanation.image, **data), r, selection)
+        return new, new.explanation.overlay(), self._words(new.explanation), self._queries(new, -1), None
 
     @staticmethod
-    def toggle_maps(show: bool, explanation):
+    def toggle_maps(show: bool, shown):
         """Turning maps off hides them; turning them on shows the last answer's maps (if any)."""
-        return gr.update(visible=bool(show and explanation is not None))
+        return gr.update(visible=bool(show and shown is not None))
 
     async def regenerate(
         self,
@@ -377,7 +478,23 @@ class Demo:
             for question, answer in parse_earlier_turns(earlier)
             for role, text in (("user", question), ("assistant", answer))
         ]
-        return chat, None, gr.update(visible=False), None, gr.update(choices=[], value=None), ""
+        return chat, None, gr.update(visible=False), None, gr.update(choices=[], value=None), "", [], None
+
+    def map_settings(self) -> list:
+        """The map settings' controls: the method, and the layer and head of each hop (ALL: their mean)."""
+        model = self.vlm.model
+        sizes = {
+            "Q-Former layer (cross-attention)": len(model.qformer.cross_attention_modules()),
+            "Q-Former head": model.config.qformer_config.num_attention_heads,
+            "LM layer": len(lm_attention_modules(model.language_model)),
+            "LM head": model.config.text_config.num_attention_heads,
+        }
+        controls = [gr.Radio(list(METHODS), value="Attention", label="Method", elem_id="map-method")]
+        for label, size in sizes.items():
+            choices = [ALL, *(str(i) for i in range(1, size + 1))]
+            elem = "map-" + label.split(" (")[0].lower().replace(" ", "-").replace("q-former", "qformer")
+            controls.append(gr.Dropdown(choices, value=ALL, label=label, elem_id=elem))
+        return controls
 
     def build(self, concurrency_limit: int = 1) -> gr.Blocks:
         """The Blocks app; ``concurrency_limit`` generations run at once (1 = one at a time per model)."""
@@ -387,6 +504,7 @@ class Demo:
         # Checks go through the queue: Gradio shows the message of a failed event only for queued events. They
         # decode the image (bombs are refused from the header), so a few at a time, beside the model's group.
         checking = {"api_visibility": "private", "concurrency_limit": 4, "concurrency_id": "check"}
+        follow = {"api_visibility": "private", **model_event}  # a remap runs the model: the model's group
         with gr.Blocks(title="blipdemo — chat about an image") as demo:
             gr.Markdown(self.header(), elem_id="header")
             if self.notice:
@@ -417,6 +535,21 @@ class Demo:
                         bar = f"background: {legend_css()}, #8c8c8c"  # over a mid gray, as over a photo
                         gr.HTML(f'<div id="legend">attention: low<span class="bar" style="{bar}"></span>high</div>')
                         words = gr.Radio([], label="Words of the answer: click one to see its map", elem_id="words")
+                        region = gr.HighlightedText(
+                            label="Words that looked here: click the picture above",
+                            elem_id="region-words",
+                            combine_adjacent=False,
+                            show_legend=False,
+                        )
+                        queries = gr.Gallery(
+                            label="Where each query looked, by how much the word drew on it",
+                            columns=8,
+                            height="auto",
+                            allow_preview=False,
+                            elem_id="queries",
+                        )
+                        with gr.Accordion("Map settings", open=False, elem_id="map-settings"):
+                            settings = self.map_settings()
                     explanation = gr.State(None)
                 with gr.Column(scale=6, min_width=320):
                     chat = gr.Chatbot(
@@ -506,10 +639,17 @@ class Demo:
                 )
             )
             stop.click(self.stop, None, None, cancels=answering, **private)
-            words.select(self.show_word, [explanation, words], heat, **private)
+            words.select(self.show_word, [explanation, words], [heat, queries], **private)
+            heat.select(self.words_here, [explanation, words], [region, heat], **private)
+            # After an answer (its maps made with the default settings), and when a setting changes: the maps as the
+            # settings say, and the query gallery. (Chained, not on the State's change: its value holds arrays.)
+            remapped = [explanation, heat, words, queries, region]
+            for event in [*answering, *(control.change for control in settings)]:
+                then = event.then if hasattr(event, "then") else event
+                then(self.follow_settings, [explanation, words, *settings], remapped, **follow)
             show_maps.change(self.toggle_maps, [show_maps, explanation], maps, **private)
             undo.click(self.undo, chat, [chat, instruction], **private)
-            fresh = [chat, explanation, maps, heat, words, earlier]
+            fresh = [chat, explanation, maps, heat, words, earlier, queries, region]
             image.change(self.new_chat, earlier, fresh, **private)
             clear.click(lambda: ("", *self.new_chat()), None, [instruction, *fresh], **private)
 

@@ -156,6 +156,7 @@ def test_validation_messages_show_alone(url, browser, tmp_path):
 def test_chat_controls_in_the_browser(url, browser):
     """Word chips and the map, the maps switch, Undo, Regenerate, a decoding slider, Clear."""
     example = examples()[0]
+    vlm, url = served
     page = open_app(browser, url)
     click_example(page, 0)
     page.locator("#send").click()
@@ -272,4 +273,57 @@ def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, 
     monkeypatch.setattr(vlm.language_model, "generate", real)
     page.locator("#send").click()
     assert read_answer(page, example["answer"]) == example["answer"]
+    page.close()
+
+
+def _highlighted(page) -> list[tuple[str, float]]:
+    """The words of "Words that looked here" as a person sees them: each word and how strongly it is highlighted
+    (the opacity of its background; Gradio paints a word's score as that)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('#region-words .score-token')].map(span => {
+            const bg = getComputedStyle(span).backgroundColor;
+            const parts = bg.match(/[\\d.]+/g) || [];
+            return [span.innerText.trim(), parts.length === 4 ? parseFloat(parts[3]) : (parts.length ? 1 : 0)];
+        })"""
+    )
+
+
+def test_maps_explorer_click_the_picture_and_read_the_words(served, browser):
+    """Describe a two-object example; click the middle of each object on the map: the highlighted word that is
+    strongest among the answer's color words is that object's color. The query gallery shows every query."""
+    import random
+
+    from blipdemo.tiny import scenes
+
+    example = examples()[0]
+    assert example["question"] == "Describe the image."
+    scene = scenes.sample_scene(random.Random(11), n_objects=2)  # how blipdemo.tiny.examples drew this picture
+    vlm, url = served
+    page = open_app(browser, url)
+    click_example(page, 0)
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
+    page.wait_for_function("document.querySelectorAll('#queries img').length > 0", timeout=30_000)
+    assert (
+        page.locator("#queries img").count()
+        == app_module.blipdemo.load(app_module.EMBEDDED_MODEL).config.num_query_tokens
+    )
+    heat = page.locator("#heatmap img")
+    for obj in scene.objects:
+        box = heat.bounding_box()
+        x0, y0, x1, y1 = obj.box  # on the 224-px canvas; the picture is shown scaled
+        heat.click(position={"x": (x0 + x1) / 2 * box["width"] / 224, "y": (y0 + y1) / 2 * box["height"] / 224})
+        page.wait_for_function("document.querySelectorAll('#region-words .score-token').length > 0", timeout=20_000)
+        time.sleep(0.5)
+        colors = {w: s for w, s in _highlighted(page) if w in scenes.COLORS}
+        assert max(colors, key=colors.get) == obj.color, (obj, colors)
+    page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
+    # Another layer and the relevancy method: the maps are made again (one pass each) and still shown.
+    page.locator("#map-settings").click()
+    before = heat.get_attribute("src")
+    page.locator("#map-method label", has_text="Relevancy").click()
+    page.wait_for_function(
+        "src => document.querySelector('#heatmap img').getAttribute('src') !== src", arg=before, timeout=30_000
+    )
+    assert not visible_error_badges(page) and not toasts(page)
     page.close()
