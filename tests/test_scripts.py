@@ -18,6 +18,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import reference_env
 from conftest import OFFLINE
 
@@ -135,16 +136,26 @@ def test_explain_cost():
     assert re.search(rf"- embedded \(shapes-instructblip\): {ratios}", stdout)
 
 
-def test_load_test_with_distinct_requests():
-    stdout = run("benchmarks/load_test.py", "--clients", "5", "--queue-size", "2")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_load_test_with_distinct_requests(batch):
+    stdout = run("benchmarks/load_test.py", "--clients", "5", "--queue-size", "2", "--max-batch-size", str(batch))
     assert "| client | image | question sent | expected | outcome | answer | latency |" in stdout
     for i in range(5):
         assert f"| {i} | client-{i:02d}.png | " in stdout  # every client's own request, printed
-    summary = re.search(r"\n\| 5 \| 2 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", stdout)
+    summary = re.search(rf"\n\| 5 \| 2 \| {batch} \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", stdout)
     assert summary, stdout
     correct, wrong, queue_full, failed = map(int, summary.groups())
     assert correct + wrong + queue_full == 5 and failed == 0
     assert re.search(r"correctness: \d+ answers checked against each scene's known answer: .* 0 differ", stdout)
+
+
+def test_batching_benchmark_tiny():
+    stdout = run("benchmarks/batching.py", "--tiny", "--sizes", "1,2", "--tokens", "3")
+    assert stdout.startswith("machine: ") and "matmul peak" in stdout
+    for case in ("follow-up", "first question"):
+        for n in (1, 2):
+            assert re.search(rf"\n\| {case} \| {n} \| [\d.]+ \| [\d.]+ \| [\d.]+× \|", stdout), (case, n)
+    assert "Paper estimate" in stdout
 
 
 def test_stop_latency():
