@@ -108,27 +108,16 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 GRADIENT_BUDGET = 256 * 2**20  # bytes of gradients held at once: answer tokens share backward passes up to this
 
 
+def chunk_size(records: list[torch.Tensor]) -> int:
+    """How many targets' gradients fit GRADIENT_BUDGET at once (at least one)."""
+    per_target = 4 * sum(r.numel() for r in records)  # float32 bytes of one target's gradients
+    return max(1, GRADIENT_BUDGET // max(per_target, 1))
+
+
 def gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """∂targets[i]/∂record for each recorded map: (n, *record.shape) per record, or None where no target depends on
-    it; the graph is kept. The n targets share one batched backward pass (``is_grads_batched``) as far as their
-    gradients fit GRADIENT_BUDGET, in chunks beyond; one pass per target where an op has no batching rule."""
-    per_target = 4 * sum(r.numel() for r in records)  # float32 bytes of one target's gradients
-    chunk = max(1, GRADIENT_BUDGET // max(per_target, 1))
-    starts = range(0, len(targets), chunk)
-    parts = [_gradients(targets[i : i + chunk], records) for i in starts]
-    grads = []
-    for record, part in zip(records, zip(*parts, strict=True), strict=True):
-        if all(g is None for g in part):
-            grads.append(None)
-            continue
-        sizes = [len(targets[i : i + chunk]) for i in starts]
-        zeros = [torch.zeros(n, *record.shape, device=record.device) for n in sizes]  # where a chunk had none
-        grads.append(torch.cat([z if g is None else g for g, z in zip(part, zeros, strict=True)]))
-    return grads
-
-
-def _gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """One chunk of ``gradients``: batched when it can be, else target by target."""
+    it; the graph is kept. The n targets share one batched backward pass (``is_grads_batched``), or, where an op has
+    no batching rule (a custom autograd Function), take one pass each."""
     if len(targets) > 1:
         eye = torch.eye(len(targets), dtype=targets.dtype, device=targets.device)  # one one-hot seed per target
         try:
@@ -136,7 +125,7 @@ def _gradients(targets: torch.Tensor, records: list[torch.Tensor]) -> list[torch
                 targets, records, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
             )
             return list(grads)
-        except RuntimeError:  # an op without a batching rule (a custom autograd Function, e.g. 8-bit matmuls)
+        except RuntimeError:
             pass
     each = [torch.autograd.grad(t, records, retain_graph=True, allow_unused=True) for t in targets]
     return [None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True)]
@@ -188,7 +177,8 @@ def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequen
     maps C (n, Q, P)), both row-normalized.
 
     One forward pass with every attention map in the graph (this thread only), then the tokens' gradients (batched
-    backward passes, ``gradients``); the selections share them — they only choose what is propagated."""
+    backward passes, ``gradients``, as many tokens at once as GRADIENT_BUDGET allows); the selections share them —
+    they only choose what is propagated."""
     model = service.model
     q = model.config.num_query_tokens
     modules = lm_modules(model.language_model)
@@ -205,19 +195,24 @@ def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequen
         maps = {m: q_records[m][0] for m in qf_self + qf_cross} | {m: lm_records[m][0] for m in lm_list}
         steps = list(which)
         targets = logits[0, rows[steps].to(logits.device), answer[0, steps].to(logits.device)]  # (n,) their logits
-        grads = dict(zip(maps, gradients(targets, list(maps.values())), strict=True))  # {module: (n, 1, nh, Tq, Tk)}
-    if all(g is None or not g.any() for g in grads.values()):
+        results = [([], []) for _ in selections]
+        reached = False
+        chunk = chunk_size(list(maps.values()))
+        for start in range(0, len(steps), chunk):  # the tokens' gradients a chunk at a time: memory stays bounded
+            found = gradients(targets[start : start + chunk], list(maps.values()))
+            grads = dict(zip(maps, found, strict=True))  # {module: (chunk, 1, nh, Tq, Tk) or None}
+            reached = reached or any(g is not None and bool(g.any()) for g in grads.values())
+            with torch.no_grad():
+                for k, t in enumerate(steps[start : start + chunk]):
+                    cam = _TokenCams(maps, {m: None if g is None else g[k] for m, g in grads.items()})
+                    for selection, (weights, query_maps) in zip(selections, results, strict=True):
+                        weights.append(_lm_row(modules, cam, selection, int(rows[t]), q))
+                        query_maps.append(_query_maps(qf_self, qf_cross, cam, selection, q, model))
+    if not reached:
         raise RuntimeError(
             "Relevancy: no gradient of the answer's logits reached any attention map (a layer of the model computes "
             "without a backward); use method='attention'."
         )
-    results = [([], []) for _ in selections]
-    with torch.no_grad():
-        for k, t in enumerate(steps):
-            cam = _TokenCams(maps, {m: None if g is None else g[k] for m, g in grads.items()})
-            for selection, (weights, query_maps) in zip(selections, results, strict=True):
-                weights.append(_lm_row(modules, cam, selection, int(rows[t]), q))
-                query_maps.append(_query_maps(qf_self, qf_cross, cam, selection, q, model))
     return [(normalize_rows(torch.stack(w)), normalize_rows(torch.stack(c))) for w, c in results]
 
 

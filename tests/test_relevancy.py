@@ -114,8 +114,8 @@ class _NoBatchingRule(torch.autograd.Function):
         return grad * 2 * (1.0 if grad.sum().item() == grad.sum().item() else 0.0)
 
 
-@pytest.mark.parametrize("batching", ["batched", "chunks of 2", "no batching rule"])
-def test_gradients_of_several_targets_are_each_targets_own(monkeypatch, batching):
+@pytest.mark.parametrize("batching", ["batched", "no batching rule"])
+def test_gradients_of_several_targets_are_each_targets_own(batching):
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(4, 5, generator=gen, requires_grad=True)
     first = (x @ x.T).softmax(-1)  # (4, 4): a recorded map
@@ -124,8 +124,6 @@ def test_gradients_of_several_targets_are_each_targets_own(monkeypatch, batching
     unused = x * 3
     targets = torch.cat([second[:, 0], first[1:3, 2]])  # 6 logits
     records = [first, second, unused]
-    if batching == "chunks of 2":
-        monkeypatch.setattr(relevancy, "GRADIENT_BUDGET", 2 * 4 * sum(r.numel() for r in records))
     grads = relevancy.gradients(targets, records)
     assert grads[2] is None
     for i, target in enumerate(targets):
@@ -133,6 +131,28 @@ def test_gradients_of_several_targets_are_each_targets_own(monkeypatch, batching
         for g, e in zip(grads[:2], expected, strict=True):
             assert g.shape == (len(targets), *e.shape)
             torch.testing.assert_close(g[i], e)
+
+
+def test_tokens_in_chunks_give_the_same_maps(loaded, images, monkeypatch):
+    """A gradient budget of two tokens at a time: the same maps as all tokens in one batched pass."""
+    vlm = loaded("instructblip", "llama")
+    whole = vlm.explain(images[0], PROMPT, answer=ANSWER, method="relevancy")
+    passes = []
+    batched = relevancy.gradients
+    monkeypatch.setattr(relevancy, "gradients", lambda t, r: passes.append(len(t)) or batched(t, r))
+    monkeypatch.setattr(relevancy, "chunk_size", lambda records: 2)
+    chunked = vlm.explain(images[0], PROMPT, answer=ANSWER, method="relevancy")
+    assert passes == [2] * (len(whole.tokens) // 2) + [1] * (len(whole.tokens) % 2)
+    np.testing.assert_allclose(chunked.token_maps, whole.token_maps, atol=1e-6)
+    np.testing.assert_allclose(chunked.query_weights, whole.query_weights, atol=1e-6)
+
+
+def test_chunk_size_follows_the_gradient_budget(monkeypatch):
+    records = [torch.zeros(1, 4, 10, 10), torch.zeros(1, 4, 5, 20)]  # 800 values: 3,200 bytes a target
+    monkeypatch.setattr(relevancy, "GRADIENT_BUDGET", 10_000)
+    assert relevancy.chunk_size(records) == 3
+    monkeypatch.setattr(relevancy, "GRADIENT_BUDGET", 1_000)
+    assert relevancy.chunk_size(records) == 1  # never less than one target
 
 
 # ---------------------------------------------------------------------------------------------------------------
