@@ -156,7 +156,6 @@ def test_validation_messages_show_alone(url, browser, tmp_path):
 def test_chat_controls_in_the_browser(url, browser):
     """Word chips and the map, the maps switch, Undo, Regenerate, a decoding slider, Clear."""
     example = examples()[0]
-    vlm, url = served
     page = open_app(browser, url)
     click_example(page, 0)
     page.locator("#send").click()
