@@ -46,11 +46,10 @@ class Answer:
     Closing the iterator (or leaving the loop) stops it; so does the caller's ``stop_event``.
     """
 
-    def __init__(self, service: Service, request: Request, heartbeat: float | None) -> None:
+    def __init__(self, service: Service, request: Request) -> None:
         self.service = service
         self.request = request
         self.inputs = request.inputs
-        self.heartbeat = heartbeat
 
     @property
     def ids(self) -> torch.Tensor:
@@ -117,7 +116,7 @@ class Service:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.max_batch_size = max_batch_size
-        self.scheduler = Scheduler(self._run, max_batch_size) if max_batch_size > 1 else None
+        self.scheduler = Scheduler(lambda batch: run_batch(self, batch), max_batch_size) if max_batch_size > 1 else None
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
 
@@ -278,9 +277,6 @@ class Service:
             streamer=streamer,
         )
 
-    def _run(self, requests: list[Request]) -> None:
-        run_batch(self, requests)
-
     def _submit_and_wait(self, request: Request) -> Request:
         if self.scheduler is None:
             run_batch(self, [request])
@@ -337,7 +333,7 @@ class Service:
         options = DecodingOptions.of(options)
         inputs = self.prepare(image, prompt, history, options.max_new_tokens, template=template)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=heartbeat)
-        return Answer(self, self._request(inputs, options, stop_event, streamer), heartbeat)
+        return Answer(self, self._request(inputs, options, stop_event, streamer))
 
     def stream(
         self,
