@@ -205,7 +205,8 @@ def test_beam_search_and_sampling_do_not_share_a_greedy_batch(batched, images, m
     for t in t0 + threads:
         t.join(30)
     assert results[0] == beam_alone and results[2] == greedy_alone and isinstance(results[1], str)
-    assert gate.batch_sizes[1:] == [3, 1, 1] or sorted(gate.batch_sizes[1:]) == [1, 1, 1]
+    # Each decodes alone, in whichever order the scheduler takes them; beam search's first step shows its 3 beams.
+    assert sorted(gate.batch_sizes[1:]) == [1, 1, 3]
 
 
 def test_explain_leaves_the_attention_of_concurrent_generations_alone(batched, images, monkeypatch):
