@@ -15,6 +15,14 @@ is raised there, before any model work) and then decoded by ``run_batch``, alone
 ``Scheduler`` owns the waiting requests when batching is on: a worker thread takes the oldest waiting request and
 every other waiting request that can share its decoding (``DecodingOptions.batch_key``), up to ``max_batch_size``,
 and runs them as one batch. There is no waiting window: an idle model starts a lone request at once.
+
+Requests that arrive while a batch decodes join it at a step boundary (the batch is *regrouped*) when they are at
+least as many as its live rows and there is room: ``_Rows`` ends the ``generate`` call after recording the step's
+tokens, the live rows go back to the head of the queue with the ids they have so far, and the next batch takes
+them with the newcomers. A continuing row's prompt is its prompt plus its answer so far (a T5 row continues its
+decoder ids), so its answer goes on exactly where it was: greedy rows still answer as alone. The price is the
+recomputed prefill of the live rows — bounded because a regroup at least doubles the batch — against the
+newcomers waiting for the whole batch to end (eight requests sent at once would otherwise decode as 1 + 7).
 """
 
 from __future__ import annotations
@@ -83,10 +91,18 @@ class _Rows(StoppingCriteria):
     Beam search (``record=False``) runs alone: its beams change their mind, so nothing is recorded or streamed per
     step (its text comes at the end), and all ``input_ids`` rows (the beams) share the one request's end."""
 
-    def __init__(self, requests: list[Request], eos: set[int], record: bool = True) -> None:
+    def __init__(
+        self,
+        requests: list[Request],
+        eos: set[int],
+        record: bool = True,
+        regroup: Callable[[int], bool] | None = None,
+    ) -> None:
         self.requests = requests
         self.eos = eos
         self.record = record
+        self.regroup = regroup  # (live rows) → whether waiting requests should join now (the Scheduler's rule)
+        self.regrouped = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         now = time.monotonic()
@@ -105,6 +121,11 @@ class _Rows(StoppingCriteria):
             )
             if request.ended and self.record:
                 request.finish()
+        live = sum(not r.ended for r in self.requests)
+        if self.record and self.regroup is not None and live and self.regroup(live):
+            # End this generate call; the live rows (not ended, not finished) continue in the regrouped batch.
+            self.regrouped = True
+            return torch.ones((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
         if len(self.requests) == 1:
             return torch.full((input_ids.shape[0],), self.requests[0].ended, dtype=torch.bool, device=input_ids.device)
         return torch.tensor([r.ended for r in self.requests], dtype=torch.bool, device=input_ids.device)
@@ -132,9 +153,10 @@ def _eos_ids(generation_config) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
 
 
-def run_batch(service, requests: list[Request]) -> None:
+def run_batch(service, requests: list[Request], regroup: Callable[[int], bool] | None = None) -> list[Request]:
     """Decode ``requests`` (which share a ``batch_key``, or one request) as one batch; never raises: a failure ends
-    each request with its error."""
+    each request with its error. ``regroup`` (live rows → bool), asked after every step, ends the batch early for
+    waiting requests to join: the unfinished requests are returned, to be decoded on (else the list is empty)."""
     live = []
     for request in requests:
         if request.stopped():  # stopped while it waited: nothing to do
@@ -142,18 +164,20 @@ def run_batch(service, requests: list[Request]) -> None:
         else:
             live.append(request)
     if not live:
-        return
+        return []
     try:
         with torch.inference_mode():
-            _generate(service, live)
+            left = _generate(service, live, regroup)
     except BaseException as e:  # handed to each caller, who raises it in its own thread
         for request in live:
             request.finish(e)
         if not isinstance(e, Exception):
             raise
-    else:
-        for request in live:
+        return []
+    for request in live:
+        if request not in left:
             request.finish()
+    return left
 
 
 def generate_kwargs(service, requests: list[Request]) -> dict:
@@ -173,7 +197,11 @@ def generate_kwargs(service, requests: list[Request]) -> dict:
         pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (_eos_ids(gen_cfg) or [0])[0]
     # Decoder-only LMs continue the sequence: pad on the left so every row's prompt ends at the last position.
     left = not model.is_encoder_decoder
-    ids, mask = _pad([r.inputs.input_ids[0] for r in requests], pad_id, left=left)
+    # A decoder-only row regrouped mid-answer continues from its prompt + answer so far (ids: (T,) each).
+    rows = [r.inputs.input_ids[0] for r in requests]
+    if left:
+        rows = [torch.cat([row, torch.tensor(r.ids, dtype=row.dtype)]) for row, r in zip(rows, requests, strict=True)]
+    ids, mask = _pad(rows, pad_id, left=left)
     embeds, _ = model.language_inputs(query_embeds, ids)  # (B, Q + T, D): [queries ; padded prompt]
     num_queries = query_embeds.shape[1]
     if left:
@@ -185,10 +213,21 @@ def generate_kwargs(service, requests: list[Request]) -> dict:
         options,
         inputs_embeds=embeds,
         attention_mask=_mask_with_queries(mask, num_queries, left).to(embeds.device),
-        max_new_tokens=max(r.inputs.max_new_tokens for r in requests),
+        max_new_tokens=max(r.inputs.max_new_tokens - len(r.ids) for r in requests),
         pad_token_id=gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else pad_id,
     )
-    minimums = {min(r.options.min_new_tokens or 0, r.inputs.max_new_tokens) for r in requests}
+    if model.is_encoder_decoder and any(r.ids for r in requests):
+        # T5 rows regrouped mid-answer continue their decoder: [pad ; start ; answer so far], left-padded (T5's
+        # positions are relative, so the padding shifts nothing); generate extends the decoder mask step by step.
+        start_id = gen_cfg.decoder_start_token_id
+        if start_id is None:
+            start_id = model.language_model.config.decoder_start_token_id
+        decoder_rows = [torch.tensor([start_id, *r.ids], dtype=torch.long) for r in requests]
+        decoder_ids, decoder_mask = _pad(decoder_rows, pad_id, left=True)
+        kwargs["decoder_input_ids"] = decoder_ids.to(embeds.device)
+        kwargs["decoder_attention_mask"] = decoder_mask.to(embeds.device)
+    # What is left of each row's min_new_tokens (regrouped rows have answered some already).
+    minimums = {max(0, min(r.options.min_new_tokens or 0, r.inputs.max_new_tokens) - len(r.ids)) for r in requests}
     if len(minimums) == 1:
         kwargs["min_new_tokens"] = minimums.pop()  # transformers' own processor, as for a lone request
     else:
@@ -203,16 +242,19 @@ def generate_kwargs(service, requests: list[Request]) -> dict:
     return kwargs
 
 
-def _generate(service, requests: list[Request]) -> None:
+def _generate(service, requests: list[Request], regroup: Callable[[int], bool] | None = None) -> list[Request]:
+    """One ``generate`` call for ``requests``; returns the rows a regroup left unfinished (else [])."""
     model = service.model
     lm = model.language_model
     kwargs = generate_kwargs(service, requests)
     start = time.monotonic()
     for request in requests:
-        request._deadline = start + request.time_limit if request.time_limit else None
+        if request._deadline is None and request.time_limit:  # counted from the row's first batch
+            request._deadline = start + request.time_limit
     beams = (requests[0].options.resolved(lm.generation_config)["num_beams"] or 1) if len(requests) == 1 else 1
     eos = set(_eos_ids(lm.generation_config))
-    kwargs["stopping_criteria"] = StoppingCriteriaList([_Rows(requests, eos, record=beams == 1)])
+    rows = _Rows(requests, eos, record=beams == 1, regroup=regroup if beams == 1 else None)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([rows])
     if beams > 1:  # beam search (alone): beams change their mind, so only the end is final
         output = lm.generate(**kwargs)
         new = output[0] if model.is_encoder_decoder else output[0, kwargs["input_ids"].shape[1] :]
@@ -220,8 +262,9 @@ def _generate(service, requests: list[Request]) -> None:
         request.ids = new.tolist()
         if request.streamer is not None:
             request.streamer.text_queue.put(service.decode(new))
-    else:
-        lm.generate(**kwargs)  # the tokens reach their requests through _Rows, step by step
+        return []
+    lm.generate(**kwargs)  # the tokens reach their requests through _Rows, step by step
+    return [r for r in requests if not r.ended] if rows.regrouped else []
 
 
 def _pad(rows: list[torch.Tensor], value: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,15 +314,18 @@ def _ids_with_queries(
 class Scheduler:
     """Merges concurrent requests into batches of up to ``max_batch_size`` (see the module's docstring)."""
 
-    def __init__(self, run: Callable[[list[Request]], None], max_batch_size: int) -> None:
-        self.run = run
+    def __init__(
+        self, run: Callable[[list[Request], Callable[[int], bool] | None], list[Request]], max_batch_size: int
+    ) -> None:
+        self.run = run  # (batch, regroup rule) → the requests a regroup left unfinished
         self.max_batch_size = max_batch_size
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        self.batches = 0  # batches run so far, and the rows they held (tests and benchmarks read these)
+        self.batches = 0  # batches run so far, the rows they held, and the regroups (tests and benchmarks read these)
         self.rows = 0
+        self.regroups = 0
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it starts with the next batch (at once when the model is idle)."""
@@ -304,6 +350,17 @@ class Scheduler:
                     self._pending.remove(request)
         return batch
 
+    def _should_regroup(self, key: tuple, live: int) -> bool:
+        """Whether the waiting requests with ``key`` should join a batch of ``live`` rows now: only if they are at
+        least as many as the live rows (and fit), so the recomputed prefill of the live rows is paid for by at
+        least as many rows starting at once, and every regroup at least doubles the live rows."""
+        room = self.max_batch_size - live
+        if room <= 0:
+            return False
+        with self._cond:
+            waiting = sum(1 for r in self._pending if r.key == key)
+        return min(waiting, room) >= live
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -312,4 +369,10 @@ class Scheduler:
                 batch = self._take()
             self.batches += 1
             self.rows += len(batch)
-            self.run(batch)
+            key = batch[0].key
+            regroup = None if key is None else (lambda live, key=key: self._should_regroup(key, live))
+            left = self.run(batch, regroup)
+            if left:
+                with self._cond:  # the continuing rows go first: they were taken before anyone waiting now
+                    self._pending[:0] = left
+                    self.regroups += 1

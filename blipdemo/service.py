@@ -116,7 +116,9 @@ class Service:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.max_batch_size = max_batch_size
-        self.scheduler = Scheduler(lambda batch: run_batch(self, batch), max_batch_size) if max_batch_size > 1 else None
+        self.scheduler = None
+        if max_batch_size > 1:
+            self.scheduler = Scheduler(lambda batch, regroup: run_batch(self, batch, regroup), max_batch_size)
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
 

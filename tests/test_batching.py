@@ -69,19 +69,23 @@ def test_the_vit_runs_once_for_the_new_images_of_a_batch(checkpoint_dir, images)
 
 
 class Gate:
-    """Holds the LM's first forward call until ``open()``: requests sent meanwhile wait for the model together."""
+    """Holds the LM's ``hold_at``-th forward call (and the ones after) until ``open()``: requests sent meanwhile
+    wait for the model together."""
 
-    def __init__(self, vlm, monkeypatch) -> None:
+    def __init__(self, vlm, monkeypatch, hold_at: int = 1) -> None:
         self.entered, self.release = threading.Event(), threading.Event()
         self.batch_sizes = []
+        self.calls = 0
         forward = vlm.language_model.forward
 
         def gated(*args, **kwargs):
             embeds = kwargs.get("inputs_embeds")
             if embeds is not None and not kwargs.get("past_key_values"):
                 self.batch_sizes.append(embeds.shape[0])  # the first step of a generate call: its batch
-            self.entered.set()
-            self.release.wait(timeout=30)
+            self.calls += 1
+            if self.calls >= hold_at:
+                self.entered.set()
+                self.release.wait(timeout=30)
             return forward(*args, **kwargs)
 
         monkeypatch.setattr(vlm.language_model, "forward", gated)
@@ -121,8 +125,9 @@ def _wait_pending(vlm, n: int) -> None:
 
 def test_concurrent_asks_share_a_batch_and_answer_as_alone(batched, images, monkeypatch):
     alone = [batched.ask(images[i], PROMPTS[i], max_new_tokens=10, **GREEDY) for i in range(3)]
+    first_alone = batched.ask(images[0], "Hello?", max_new_tokens=3, min_new_tokens=3, **GREEDY)
     gate = Gate(batched, monkeypatch)
-    first, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=3, **GREEDY)])
+    first, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=3, min_new_tokens=3, **GREEDY)])
     assert gate.entered.wait(10)  # the model is busy with the first request
     asks = [lambda i=i: batched.ask(images[i], PROMPTS[i], max_new_tokens=10, **GREEDY) for i in range(3)]
     results, threads = _in_threads(asks)
@@ -130,8 +135,48 @@ def test_concurrent_asks_share_a_batch_and_answer_as_alone(batched, images, monk
     gate.open()
     for t in t0 + threads:
         t.join(30)
-    assert results == alone
-    assert gate.batch_sizes[:2] == [1, 3]  # the lone first request started at once; the three waited together
+    assert results == alone and first == [first_alone]
+    # The lone first request started at once; after its first step the three waiting requests joined it.
+    assert gate.batch_sizes[:2] == [1, 4]
+    assert batched.scheduler.regroups == 1
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_requests_arriving_mid_answer_join_it_and_every_row_answers_as_alone(
+    checkpoint_dir, images, family, lm, monkeypatch
+):
+    """A regroup re-forms the batch at a step boundary: the running row continues from its answer so far (its
+    prompt + ids, or T5's decoder ids) next to the newcomers, each with its own remaining lengths."""
+    vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32", max_batch_size=4)
+    lengths, minimums = [12, 9, 5], [12, 4, None]
+    asks = [
+        lambda i=i: vlm.ask(images[i], PROMPTS[i], max_new_tokens=lengths[i], min_new_tokens=minimums[i], **GREEDY)
+        for i in range(3)
+    ]
+    alone = [ask() for ask in asks]
+    gate = Gate(vlm, monkeypatch, hold_at=5)  # the running row has 4 tokens when the others come
+    first, t0 = _in_threads(asks[:1])
+    assert gate.entered.wait(30)
+    results, threads = _in_threads(asks[1:])
+    _wait_pending(vlm, 2)
+    gate.open()
+    for t in t0 + threads:
+        t.join(60)
+    assert first + results == alone
+    assert (vlm.scheduler.batches, vlm.scheduler.rows, vlm.scheduler.regroups) == (3 + 2, 3 + 1 + 3, 1)
+
+
+def test_a_regroup_waits_until_the_newcomers_are_as_many_as_the_live_rows():
+    from blipdemo.batching import Scheduler
+
+    scheduler = Scheduler(lambda batch, regroup: [], max_batch_size=4)
+    waiting = [type("R", (), {"key": ("greedy",)})(), type("R", (), {"key": ("sampling",)})()]
+    scheduler._pending = waiting
+    assert scheduler._should_regroup(("greedy",), live=1)  # one newcomer for one live row
+    assert not scheduler._should_regroup(("greedy",), live=2)  # one newcomer would make two rows recompute
+    assert not scheduler._should_regroup(("beam",), live=1)  # nobody who can share
+    scheduler._pending = waiting * 3
+    assert not scheduler._should_regroup(("greedy",), live=4)  # no room
 
 
 def test_a_stopped_row_ends_alone(batched, images, monkeypatch):
@@ -205,8 +250,10 @@ def test_beam_search_and_sampling_do_not_share_a_greedy_batch(batched, images, m
     for t in t0 + threads:
         t.join(30)
     assert results[0] == beam_alone and results[2] == greedy_alone and isinstance(results[1], str)
-    # Each decodes alone, in whichever order the scheduler takes them; beam search's first step shows its 3 beams.
-    assert sorted(gate.batch_sizes[1:]) == [1, 1, 3]
+    # The greedy request joins the running greedy one (a regroup: 2 rows); beam search and sampling each decode
+    # alone, in whichever order the scheduler takes them; beam search's first step shows its 3 beams.
+    assert sorted(gate.batch_sizes[1:]) == [1, 2, 3]
+    assert batched.scheduler.regroups == 1
 
 
 def test_explain_leaves_the_attention_of_concurrent_generations_alone(batched, images, monkeypatch):
