@@ -61,11 +61,14 @@ def question_for(scene: scenes.Scene, row: str, rng: random.Random) -> scenes.Di
     return scenes.Dialogue((), question, answer)
 
 
-def evaluate(model, per_family: int = 300, seed: int = EVAL_SEED, progress: bool = True) -> dict[str, dict]:
-    """{row: {"accuracy", "correct", "count"}} over ``per_family`` fresh scenes per row (``ROWS``)."""
+def evaluate(
+    model, per_family: int = 300, seed: int = EVAL_SEED, progress: bool = True, rows: tuple[str, ...] = ROWS
+) -> dict[str, dict]:
+    """{row: {"accuracy", "correct", "count"}} over ``per_family`` fresh scenes per row (``ROWS``, or some of
+    them: the same ``rows`` and ``seed`` draw the same scenes and questions for any model)."""
     rng = random.Random(seed)
     result = {}
-    for row in ROWS:
+    for row in rows:
         correct = 0
         for _ in tqdm(range(per_family), desc=row, disable=not progress, leave=False):
             scene = fresh_scene(row, rng)
@@ -96,13 +99,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-family", type=int, default=300)
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: MODEL/evaluation.json)")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help="comma-separated rows to ask (default: all); e.g. the version-1 families, to compare two models",
+    )
     args = parser.parse_args(argv)
     if args.per_family < 1:
         parser.error("--per-family must be at least 1")
+    rows = tuple(r.strip() for r in args.rows.split(","))
+    if unknown := [r for r in rows if r not in ROWS]:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     output = args.output or args.model / "evaluation.json"
     model = load(args.model)
     start = time.time()
-    result = evaluate(model, args.per_family, args.seed)
+    result = evaluate(model, args.per_family, args.seed, rows=rows)
     seconds = time.time() - start
     print(f"| family | accuracy ({args.per_family} scenes each) |\n|---|---|")
     for family, r in result.items():
