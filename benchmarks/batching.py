@@ -83,12 +83,14 @@ def run_batched(vlm, work: list[tuple], tokens: int) -> tuple[float, list[float]
 def measure(single, batched, n: int, tokens: int, case: str, seed: int) -> dict:
     pictures = images(n, seed)
     work = [(pictures[i], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
-    rows = {}
+    rows, schedule = {}, {}
     for name, vlm, run in (("in turn", single, run_in_turn), ("batched", batched, run_batched)):
         vlm.clear_cache()
         if case == "follow-up":  # the pictures were seen before: their image tokens are cached
             vlm.image_tokens([vlm.prepare(p, PROMPTS[0], max_new_tokens=tokens) for p in pictures])
+        before = (vlm.scheduler.batches, vlm.scheduler.regroups)
         rows[name] = run(vlm, work, tokens)
+        schedule[name] = (vlm.scheduler.batches - before[0], vlm.scheduler.regroups - before[1])
     (wall_a, lat_a, ans_a), (wall_b, lat_b, ans_b) = rows["in turn"], rows["batched"]
     # In float32 greedy rows equal their lone answers (tests/test_batching.py); in bfloat16 a random checkpoint's
     # near-ties may fall the other way once rows are padded, so here the share of equal answers is reported.
@@ -103,6 +105,8 @@ def measure(single, batched, n: int, tokens: int, case: str, seed: int) -> dict:
         "p50_batch": statistics.median(lat_b),
         "p95_batch": nearest_rank(lat_b, 0.95),
         "same": f"{same}/{n}",
+        # How the scheduler ran the batched side: generate calls, and how many of them came from a regroup.
+        "schedule": f"{schedule['batched'][0]} ({schedule['batched'][1]})",
     }
 
 
@@ -157,15 +161,16 @@ def main() -> None:
                 results.append(measure(single, batched, n, args.tokens, case, seed=n))
         print(
             "\n| case | N | tokens/s in turn | tokens/s batched | speed-up | latency p50 / p95 in turn | "
-            f"latency p50 / p95 batched | same text |\n|{'---|' * 8}"
+            f"latency p50 / p95 batched | same text | batches (regroups) |\n|{'---|' * 9}"
         )
         for r in results:
             print(
                 f"| {r['case']} | {r['n']} | {r['tps_turn']:.1f} | {r['tps_batch']:.1f} | "
                 f"{r['tps_batch'] / r['tps_turn']:.2f}× | {r['p50_turn']:.2f} / {r['p95_turn']:.2f} s | "
-                f"{r['p50_batch']:.2f} / {r['p95_batch']:.2f} s | {r['same']} |"
+                f"{r['p50_batch']:.2f} / {r['p95_batch']:.2f} s | {r['same']} | {r['schedule']} |"
             )
         print("latency: from the common start to each request's answer (in turn: waiting for the ones before it)")
+        print("batches (regroups): generate calls on the batched side, and how many began with a regroup")
         print("\n".join(paper_estimate(single.config, args.tokens, sizes)))
 
 

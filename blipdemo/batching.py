@@ -353,11 +353,15 @@ class Scheduler:
     def _should_regroup(self, key: tuple, live: int) -> bool:
         """Whether the waiting requests with ``key`` should join a batch of ``live`` rows now: only if they are at
         least as many as the live rows (and fit), so the recomputed prefill of the live rows is paid for by at
-        least as many rows starting at once, and every regroup at least doubles the live rows."""
+        least as many rows starting at once, and every regroup at least doubles the live rows. Never past an older
+        request that cannot join (beam search, other sampling values): it goes next, so that a stream of joining
+        requests cannot keep it waiting for ever."""
         room = self.max_batch_size - live
         if room <= 0:
             return False
         with self._cond:
+            if not self._pending or self._pending[0].key != key:
+                return False
             waiting = sum(1 for r in self._pending if r.key == key)
         return min(waiting, room) >= live
 

@@ -177,6 +177,8 @@ def test_a_regroup_waits_until_the_newcomers_are_as_many_as_the_live_rows():
     assert not scheduler._should_regroup(("beam",), live=1)  # nobody who can share
     scheduler._pending = waiting * 3
     assert not scheduler._should_regroup(("greedy",), live=4)  # no room
+    scheduler._pending = waiting[::-1]
+    assert not scheduler._should_regroup(("greedy",), live=1)  # an older request that cannot join goes first
 
 
 def test_a_stopped_row_ends_alone(batched, images, monkeypatch):
@@ -244,16 +246,20 @@ def test_beam_search_and_sampling_do_not_share_a_greedy_batch(batched, images, m
         lambda: batched.ask(images[0], PROMPTS[0], max_new_tokens=6, do_sample=True, top_p=0.9),
         lambda: batched.ask(images[2], PROMPTS[2], max_new_tokens=6, **GREEDY),
     ]
-    results, threads = _in_threads(fns)
-    _wait_pending(batched, 3)
+    results, threads = [], []
+    for k, fn in enumerate(fns):  # queued in this order: beam search, sampling, greedy
+        result, thread = _in_threads([fn])
+        results, threads = results + [result], threads + thread
+        _wait_pending(batched, k + 1)
     gate.open()
     for t in t0 + threads:
         t.join(30)
+    results = [r[0] for r in results]
     assert results[0] == beam_alone and results[2] == greedy_alone and isinstance(results[1], str)
-    # The greedy request joins the running greedy one (a regroup: 2 rows); beam search and sampling each decode
-    # alone, in whichever order the scheduler takes them; beam search's first step shows its 3 beams.
-    assert sorted(gate.batch_sizes[1:]) == [1, 2, 3]
-    assert batched.scheduler.regroups == 1
+    # Each decodes alone, in the order they came: the greedy one could share the running greedy batch, but does not
+    # jump the older beam and sampling requests; beam search's first step shows its 3 beams.
+    assert gate.batch_sizes[1:] == [3, 1, 1]
+    assert batched.scheduler.regroups == 0
 
 
 def test_explain_leaves_the_attention_of_concurrent_generations_alone(batched, images, monkeypatch):
