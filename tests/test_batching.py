@@ -60,6 +60,32 @@ def test_8bit_rows_answer_as_alone(checkpoint_dir, images):
         assert request.ids == alone.tolist()
 
 
+@pytest.mark.parametrize("setup", ["4-bit", "disk-offloaded device map"])
+def test_4bit_and_device_mapped_lms_batch_and_regroup_as_alone(checkpoint_dir, images, tmp_path, monkeypatch, setup):
+    """The LM stays a transformers model, so bitsandbytes layers and accelerate's offload hooks take batches too."""
+    from test_device_map import _offload_map
+
+    if setup == "4-bit":
+        folder = checkpoint_dir("instructblip", "llama", lm_width=64)
+        kwargs = dict(dtype="float32", load_in_4bit=True)
+    else:
+        folder = checkpoint_dir("instructblip", "llama")
+        kwargs = dict(dtype="float32", device_map=_offload_map(folder), offload_folder=str(tmp_path / "offload"))
+    vlm = blipdemo.load(folder, max_batch_size=4, **kwargs)
+    asks = [lambda i=i: vlm.ask(images[i], PROMPTS[i], max_new_tokens=8, min_new_tokens=8, **GREEDY) for i in range(3)]
+    alone = [ask() for ask in asks]
+    gate = Gate(vlm, monkeypatch, hold_at=3)
+    first, t0 = _in_threads(asks[:1])
+    assert gate.entered.wait(30)
+    results, threads = _in_threads(asks[1:])
+    _wait_pending(vlm, 2)
+    gate.open()
+    for t in t0 + threads:
+        t.join(60)
+    assert first + results == alone
+    assert vlm.scheduler.regroups == 1
+
+
 def test_the_vit_runs_once_for_the_new_images_of_a_batch(checkpoint_dir, images):
     vlm = blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32")
     vlm.ask(images[0], PROMPTS[0], max_new_tokens=2, **GREEDY)  # image 0 is cached now
