@@ -52,7 +52,7 @@ class PreparedInputs:
     max_new_tokens: int  # the answer room: the request's max_new_tokens, cut to what the LM's limit leaves
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds requests in its lists (field-wise == would compare tensors)
 class Request:
     """A prepared request on its way through a batch; its caller waits on ``done`` or reads ``streamer``."""
 

@@ -192,6 +192,19 @@ def test_requests_arriving_mid_answer_join_it_and_every_row_answers_as_alone(
     assert (vlm.scheduler.batches, vlm.scheduler.rows, vlm.scheduler.regroups) == (3 + 2, 3 + 1 + 3, 1)
 
 
+def test_the_scheduler_tells_requests_apart_by_identity(batched, images):
+    """Two requests about the same picture are still two requests (field-wise == would compare their tensors)."""
+    greedy, sampling = DecodingOptions.of(max_new_tokens=2, **GREEDY), DecodingOptions.of(do_sample=True, top_p=0.5)
+    first, other, second = (
+        batched._request(batched.prepare(images[0], PROMPTS[0], max_new_tokens=2), o)
+        for o in (greedy, sampling, greedy)
+    )
+    scheduler = batched.scheduler
+    scheduler._pending = [first, other, second]
+    assert scheduler._take() == [first, second] and scheduler._pending == [other]
+    scheduler._pending = []
+
+
 def test_a_regroup_waits_until_the_newcomers_are_as_many_as_the_live_rows():
     from blipdemo.batching import Scheduler
 
