@@ -39,7 +39,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from .decoding import DecodingOptions
 
 
-@dataclass
+@dataclass(eq=False)  # identity, as Request: field-wise == would compare tensors
 class PreparedInputs:
     """One request's model inputs, before the image tokens (which the batch computes, or the cache has)."""
 
