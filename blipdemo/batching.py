@@ -330,8 +330,10 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue ``request``; it starts with the next batch (at once when the model is idle)."""
         with self._cond:
-            if self._thread is None or self._pid != os.getpid():  # none yet, or a forked child (threads don't fork)
-                self._pending = []
+            # None yet, a forked child (threads don't fork), or one ended by an interrupt inside a batch.
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                if self._pid != os.getpid():
+                    self._pending = []  # the parent's waiting requests are not this process's
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._loop, name="blipdemo-batches", daemon=True)
                 self._thread.start()

@@ -205,6 +205,25 @@ def test_the_scheduler_tells_requests_apart_by_identity(batched, images):
     scheduler._pending = []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the interrupt, on purpose
+def test_a_scheduler_thread_ended_by_an_interrupt_is_replaced(batched, images, monkeypatch):
+    real = batched.language_model.generate
+    interrupts = [KeyboardInterrupt()]
+
+    def generate(*args, **kwargs):
+        if interrupts:
+            raise interrupts.pop()  # not an Exception: run_batch fails the rows and lets it end the thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched.language_model, "generate", generate)
+    with pytest.raises(KeyboardInterrupt):
+        batched.ask(images[0], PROMPTS[0], max_new_tokens=3, **GREEDY)
+    batched.scheduler._thread.join(10)
+    results, threads = _in_threads([lambda: batched.ask(images[0], PROMPTS[0], max_new_tokens=3, **GREEDY)])
+    threads[0].join(30)
+    assert isinstance(results[0], str) and results[0]  # a new scheduler thread served it
+
+
 def test_a_regroup_waits_until_the_newcomers_are_as_many_as_the_live_rows():
     from blipdemo.batching import Scheduler
 
