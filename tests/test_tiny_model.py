@@ -35,6 +35,16 @@ def _as_user_upload(image, rng):
     return buffer.getvalue()
 
 
+def test_the_plain_training_command_is_the_recipe_of_the_shipped_checkpoint():
+    """`python -m blipdemo.tiny.train` with no options must train what the checkpoint's log says it was trained with."""
+    import json
+    from dataclasses import asdict
+
+    from blipdemo.tiny.train import TinyConfig
+
+    assert json.loads((ASSET / "training_log.json").read_text())["config"] == asdict(TinyConfig())
+
+
 def test_checkpoint_is_small_and_in_the_published_layout():
     total = sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file())
     assert total <= 25 * 2**20, f"{total / 2**20:.1f} MiB"
