@@ -64,6 +64,29 @@ def gpu_seconds(model: str, *args, **kwargs) -> int:
     return int(limit) + GPU_MARGIN
 
 
+def _in_this_process(model: str):
+    """The model ``model`` names, with one CPU thread when this is a forked worker: GNU OpenMP is not fork-safe —
+    loading already ran parallel CPU work in the parent, so a parallel CPU region here would hang for good. The
+    heavy work runs on the GPU; one CPU thread is enough."""
+    if os.getpid() != _home:
+        torch.set_num_threads(1)
+    return _models[model]
+
+
+@contextmanager
+def _user_errors(out_of_memory: str) -> Iterator[None]:
+    """Errors a user can act on, as ``gr.Error`` (it pickles across the fork): a bad image or a value out of range
+    with its own message, running out of memory with ``out_of_memory``."""
+    try:
+        yield
+    except (ImageError, ValueError) as e:
+        raise gr.Error(str(e)) from e
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise gr.Error(out_of_memory) from e
+
+
 try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
     import spaces
 
@@ -91,15 +114,12 @@ def answer(
     non-empty answer, ``("maps", {"text", "tokens", "token_maps", "image_map"})``. A bad image, a value out of
     range or an out-of-memory error is a ``gr.Error`` with a message for the user (it pickles across the fork).
     """
-    if os.getpid() != _home:
-        # A forked worker. GNU OpenMP is not fork-safe: loading already ran parallel CPU work in the parent, so a
-        # parallel CPU region here would hang for good. The heavy work runs on the GPU; one CPU thread is enough.
-        torch.set_num_threads(1)
-    vlm = _models[model]
+    vlm = _in_this_process(model)
     # The run's switch (Stop, or the client left); without a run id (a direct call) a switch of its own.
     stop = (_switches.get(run) if run else None) or threading.Event()
     text = ""
-    try:
+    oom = "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
+    with _user_errors(oom):
         answer_ = vlm.start(
             image,
             instruction,
@@ -123,14 +143,6 @@ def answer(
         if maps and text.strip() and not stop.is_set():
             ids = answer_.ids
             yield "maps", {**maps_data(vlm.explain_prepared(answer_.inputs, ids, text.strip())), "ids": ids.tolist()}
-    except (ImageError, ValueError) as e:
-        raise gr.Error(str(e)) from e
-    except torch.OutOfMemoryError as e:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise gr.Error(
-            "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
-        ) from e
 
 
 def maps_data(e) -> dict:
@@ -160,15 +172,7 @@ def remap(
     """The maps of an answer already given (its token ``ids``, asked with ``max_new_tokens``, which decides how much
     history fitted) with another method, layers or heads (``selection``: ``Service.explain``'s map options): one
     teacher-forced pass (relevancy: and its backward passes), no generation. Errors as in ``answer``."""
-    if os.getpid() != _home:
-        torch.set_num_threads(1)  # see answer
-    vlm = _models[model]
-    try:
+    vlm = _in_this_process(model)
+    with _user_errors("The model ran out of memory making these maps. Try the attention method."):
         inputs = vlm.prepare(image, instruction, history, max_new_tokens, template=template)
         return maps_data(vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), **selection))
-    except (ImageError, ValueError) as e:
-        raise gr.Error(str(e)) from e
-    except torch.OutOfMemoryError as e:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise gr.Error("The model ran out of memory making these maps. Try the attention method.") from e
