@@ -74,15 +74,7 @@ def test_4bit_and_device_mapped_lms_batch_and_regroup_as_alone(checkpoint_dir, i
     vlm = blipdemo.load(folder, max_batch_size=4, **kwargs)
     asks = [lambda i=i: vlm.ask(images[i], PROMPTS[i], max_new_tokens=8, min_new_tokens=8, **GREEDY) for i in range(3)]
     alone = [ask() for ask in asks]
-    gate = Gate(vlm, monkeypatch, hold_at=3)
-    first, t0 = _in_threads(asks[:1])
-    assert gate.entered.wait(30)
-    results, threads = _in_threads(asks[1:])
-    _wait_pending(vlm, 2)
-    gate.open()
-    for t in t0 + threads:
-        t.join(60)
-    assert first + results == alone
+    assert _first_then_the_others(vlm, asks, monkeypatch, hold_at=3) == alone
     assert vlm.scheduler.regroups == 1
 
 
@@ -140,6 +132,20 @@ def batched(checkpoint_dir):
     return blipdemo.load(checkpoint_dir("instructblip", "llama"), dtype="float32", max_batch_size=4)
 
 
+def _first_then_the_others(vlm, asks, monkeypatch, hold_at: int) -> list:
+    """Runs ``asks[0]`` alone, holds its ``hold_at``-th step until the other asks wait for the model, then lets all
+    go on; returns every ask's result (an answer, or the error it raised)."""
+    gate = Gate(vlm, monkeypatch, hold_at=hold_at)
+    first, t0 = _in_threads(asks[:1])
+    assert gate.entered.wait(30)
+    others, threads = _in_threads(asks[1:])
+    _wait_pending(vlm, len(asks) - 1)
+    gate.open()
+    for t in t0 + threads:
+        t.join(60)
+    return first + others
+
+
 def _wait_pending(vlm, n: int) -> None:
     for _ in range(3000):
         with vlm.scheduler._cond:
@@ -180,15 +186,8 @@ def test_requests_arriving_mid_answer_join_it_and_every_row_answers_as_alone(
         for i in range(3)
     ]
     alone = [ask() for ask in asks]
-    gate = Gate(vlm, monkeypatch, hold_at=5)  # the running row has 4 tokens when the others come
-    first, t0 = _in_threads(asks[:1])
-    assert gate.entered.wait(30)
-    results, threads = _in_threads(asks[1:])
-    _wait_pending(vlm, 2)
-    gate.open()
-    for t in t0 + threads:
-        t.join(60)
-    assert first + results == alone
+    # The running row has 4 tokens when the others come.
+    assert _first_then_the_others(vlm, asks, monkeypatch, hold_at=5) == alone
     assert (vlm.scheduler.batches, vlm.scheduler.rows, vlm.scheduler.regroups) == (3 + 2, 3 + 1 + 3, 1)
 
 
