@@ -7,11 +7,12 @@ vlm.embed("photo.jpg")                                       # the Q-Former's qu
 blipdemo.load_qformer("Salesforce/blipdiffusion").embed("dog.jpg", "dog")   # BLIP-Diffusion's embedding
 """
 
+from .api import load, load_qformer
 from .attention import Explanation
 from .decoding import INSTRUCTBLIP_DEFAULTS, DecodingOptions
 from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .images import ImageError, load_image
-from .loading import CheckpointError, CheckpointUnavailable, load, load_qformer, plan_device_map
+from .loading import CheckpointError, CheckpointUnavailable, plan_device_map
 from .model import VisionLanguageModel
 from .service import Answer, Service
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .api import load_qformer
 from .images import ImageError
-from .loading import CheckpointError, CheckpointUnavailable, load_qformer
+from .loading import CheckpointError, CheckpointUnavailable
 from .tiny import EMBEDDED_MODEL
 
 DEFAULT_MODEL = "Salesforce/blipdiffusion"
