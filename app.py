@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import blipdemo
+from blipdemo import gpu
 from blipdemo.loading import CheckpointUnavailable
 from blipdemo.tiny import EMBEDDED_MODEL
 from blipdemo.ui import CSS, Demo
@@ -186,6 +187,7 @@ def build_demo(args: argparse.Namespace):
     vlm.generation_time_limit = args.time_limit
     history_turns = args.history_turns if args.history_turns >= 0 else None  # None: as the model's config says
     demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples", history_turns=history_turns)
+    gpu.calibrate_leases(demo.generations.model_key)  # ZeroGPU: each call's lease from the model's measured costs
     # A batch of N rows needs N handlers waiting on the model at once, and a queue that can hold the next batch.
     concurrency = max(args.concurrency, vlm.max_batch_size)
     demo = demo.build(concurrency_limit=concurrency)

@@ -87,7 +87,7 @@ def measure(single, batched, n: int, tokens: int, case: str, seed: int) -> dict:
     for name, vlm, run in (("in turn", single, run_in_turn), ("batched", batched, run_batched)):
         vlm.clear_cache()
         if case == "follow-up":  # the pictures were seen before: their image tokens are cached
-            vlm.image_tokens([vlm.prepare(p, PROMPTS[0], max_new_tokens=tokens) for p in pictures])
+            vlm.image_tokens([vlm.question(p, PROMPTS[0]).picture for p in pictures])
         before = (vlm.scheduler.batches, vlm.scheduler.regroups)
         rows[name] = run(vlm, work, tokens)
         schedule[name] = (vlm.scheduler.batches - before[0], vlm.scheduler.regroups - before[1])

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blipdemo  # noqa: E402
 from blipdemo.attention import AGGREGATIONS, METHODS, explain_selections, map_selection  # noqa: E402
-from blipdemo.decoding import DecodingOptions  # noqa: E402
 from blipdemo.tiny import scenes  # noqa: E402
 
 MARGIN = 15  # px, in the 224-px canvas
@@ -57,8 +56,7 @@ def inside(point, box, margin: int = MARGIN) -> bool:
 def explanations(model, image, question: str, max_new_tokens: int, methods=("attention",), clock=None) -> dict:
     """{(method, aggregation): Explanation} of the greedy answer to ``question``, generated once; the aggregations of
     a method share its pass. ``clock``: {method: [seconds, answers]} to add each method's map time to."""
-    options = DecodingOptions.of(num_beams=1, max_new_tokens=max_new_tokens)
-    inputs, ids = model._generate(image, question, (), options)
+    inputs, ids = model.answer_ids(model.question(image, question, num_beams=1, max_new_tokens=max_new_tokens))
     found = {}
     for method in methods:
         start = time.perf_counter()

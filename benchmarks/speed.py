@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blipdemo  # noqa: E402
 from blipdemo.batching import generate_kwargs  # noqa: E402
-from blipdemo.decoding import DecodingOptions  # noqa: E402
 from blipdemo.tiny.evaluate import cpu_info  # noqa: E402
 from blipdemo.tiny.tokenizers import lm_tokenizer, wordpiece_tokenizer  # noqa: E402
 
@@ -274,7 +273,7 @@ class Bench:
         cached_first = self.time(lambda: generate(image, PROMPTS[0], 1))
         t["cached_decode"] = (self.time(lambda: generate(image, PROMPTS[0], n)) - cached_first) / (n - 1)
         with torch.inference_mode():  # the bare LM gets exactly the embeddings our generate hands it
-            request = ours._request(ours.prepare(image, PROMPTS[0], max_new_tokens=n), DecodingOptions.of(self.fixed))
+            request = ours._request(ours.prepare(ours.question(image, PROMPTS[0], **self.fixed)))
             kwargs = generate_kwargs(ours, [request])
 
         def bare(tokens):

@@ -5,6 +5,17 @@ vlm = blipdemo.load("Salesforce/instructblip-flan-t5-xl")   # hub id or local fo
 vlm.ask("photo.jpg", "What is unusual about this image?")
 vlm.embed("photo.jpg")                                       # the Q-Former's query outputs
 blipdemo.load_qformer("Salesforce/blipdiffusion").embed("dog.jpg", "dog")   # BLIP-Diffusion's embedding
+
+Where a request goes (the app's path; the library enters at step 2):
+1. enters   ui/layout.py wires each event to ui/chat.py (Send, Regenerate, /chat, /ask, /stream) or ui/maps.py
+2. checked  ui/chat.py ``Chat.ask`` → service.py ``Service.question``: one frozen ``question.Question`` (the
+            picture decoded once, instruction, history, template, decoding options, map selection), checked once
+3. run id   control.py gives every call a run id that Stop and a vanished client reach, and pulls in threads
+4. GPU      gpu.py ``answer`` / ``remap``: all that holds the accelerator (on ZeroGPU, a worker process)
+5. encoded  service.py ``prepare`` (prompt that fits, image tokens cached by picture) → ``start``
+6. batched  batching.py: the ``Scheduler`` merges rows, ``run_batch`` decodes them (model.py is the module)
+7. mapped   attention.py, relevancy.py: the maps, from one teacher_forced.py pass; heatmap.py paints them
+Loading (loading/: files, devices, LM, Q-Former) returns a model; api.py ``serve`` builds the service around it.
 """
 
 from .api import load, load_qformer
@@ -14,6 +25,7 @@ from .embedding import Blip2TextQFormer, BlipDiffusionQFormer
 from .images import ImageError, load_image
 from .loading import CheckpointError, CheckpointUnavailable, plan_device_map
 from .model import VisionLanguageModel
+from .question import Picture, Question
 from .service import Answer, Service
 
 __all__ = [
@@ -26,6 +38,8 @@ __all__ = [
     "DecodingOptions",
     "Explanation",
     "ImageError",
+    "Picture",
+    "Question",
     "Service",
     "VisionLanguageModel",
     "load",

@@ -15,15 +15,18 @@ Both hops stay visible on the ``Explanation``: ``query_maps`` (C, per query, whe
 from a region of the picture to the answer's words. Each hop's layers and heads can be chosen (``MapSelection``);
 the default, the mean over all of them, was chosen with the pointing game in ``benchmarks/``. ``method="relevancy"``
 replaces raw attention with gradient-weighted relevancy propagated through both hops (``relevancy.py``).
-Generation itself runs as in ``ask`` (SDPA everywhere); afterwards one teacher-forced pass over the
-answer records only what the maps need, in this thread only: the Q-Former's cross-attention (its explicit
-path) and the LM's attention weights (``lm_attention``: the same SDPA pass, with the weights recomputed from
-its queries and keys). The LM's attention implementation is never switched, so concurrent requests are untouched.
+Generation itself runs as in ``ask`` (SDPA everywhere); afterwards one teacher-forced pass over the answer
+(``teacher_forced``, shared by both methods) records what the maps need, in this thread only: the Q-Former's attention
+(its explicit path) and the LM's attention weights (``lm_attention``: the same SDPA pass, with the weights recomputed
+from its queries and keys; for relevancy, the output computed from those weights so that gradients reach them). The
+LM's attention implementation is never switched, so concurrent requests are untouched. A ``stop`` event ends a map
+pass early (``Stopped``). Painting a map over the picture is ``heatmap.py``'s.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -32,71 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import lm_attention
-from .qformer import recording
-from .relevancy import check_differentiable, relevancy_hops
-
-# matplotlib's "inferno" sampled at 17 points: perceptually uniform, dark → bright, readable over photos.
-INFERNO = np.array(
-    [
-        (0, 0, 4),
-        (11, 7, 36),
-        (33, 12, 74),
-        (61, 9, 101),
-        (87, 16, 110),
-        (113, 25, 110),
-        (138, 34, 106),
-        (163, 44, 97),
-        (188, 55, 84),
-        (210, 70, 68),
-        (228, 90, 49),
-        (241, 115, 29),
-        (249, 142, 9),
-        (252, 172, 17),
-        (249, 203, 53),
-        (242, 234, 105),
-        (252, 255, 164),
-    ],
-    dtype=np.float32,
-)
-
-
-# The heat is painted only where the map is strong: below FLOOR (a share of the map's peak) the photo shows as it
-# is; above it, opacity rises to PEAK_OPACITY at the peak. The colors run over inferno's bright part only, where
-# dark photos still show them.
-FLOOR = 0.2
-PEAK_OPACITY = 0.75
-COLOR_RANGE = (0.35, 1.0)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """[0, 1] floats (H, W) → RGB uint8 (H, W, 3) through the inferno colormap."""
-    x = np.clip(values, 0.0, 1.0) * (len(INFERNO) - 1)
-    lo = np.floor(x).astype(int)
-    hi = np.minimum(lo + 1, len(INFERNO) - 1)
-    frac = (x - lo)[..., None]
-    return (INFERNO[lo] * (1 - frac) + INFERNO[hi] * frac).round().astype(np.uint8)
-
-
-def heat_colors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A map scaled to [0, 1] (its peak = 1), (H, W) → (RGB uint8 (H, W, 3), opacity float32 (H, W))."""
-    values = np.clip(values, 0.0, 1.0)
-    low, high = COLOR_RANGE
-    rgb = colormap(low + (high - low) * values)
-    strength = np.clip((values - FLOOR) / (1.0 - FLOOR), 0.0, 1.0)
-    opacity = PEAK_OPACITY * strength * strength * (3 - 2 * strength)  # smoothstep: no hard edge at the floor
-    return rgb, opacity.astype(np.float32)
-
-
-def legend_css(stops: int = 11) -> str:
-    """A CSS ``linear-gradient`` (low → high) with the colors and opacities ``overlay`` paints the map with."""
-    values = np.linspace(0.0, 1.0, stops)
-    rgb, opacity = heat_colors(values)
-    colors = [
-        f"rgba({r}, {g}, {b}, {a:.2f}) {100 * v:.0f}%" for (r, g, b), a, v in zip(rgb, opacity, values, strict=True)
-    ]
-    return f"linear-gradient(to right, {', '.join(colors)})"
-
+from .heatmap import paint
+from .relevancy import check_differentiable, lm_modules, relevancy_hops
+from .teacher_forced import patch_grid, stop_if_set, teacher_forced
 
 METHODS = ("attention", "relevancy")  # raw attention (one pass), or gradient-weighted relevancy (relevancy.py)
 AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
@@ -139,30 +80,17 @@ class Explanation:
         weights = region_weights(box, self.image.size, self.token_maps.shape[1:])  # (gh, gw)
         return (self.token_maps * weights).sum(axis=(1, 2))
 
-    def overlay(self, token: int | None = None) -> Image.Image:
-        """The map (of ``token``, or of the whole answer) over the image, at the image's own size: colored where
-        the map is strong (opacity follows it), the photo untouched where it is weak (``heat_colors``)."""
+    def overlay(self, token: int | None = None, *, max_side: int | None = None) -> Image.Image:
+        """The map (of ``token``, or of the whole answer) over the image, at the image's own size or, with
+        ``max_side``, reduced (aspect kept) to that longer side: colored where the map is strong (opacity follows
+        it), the photo untouched where it is weak (``heatmap.paint``). The maps themselves stay at full detail."""
         if token is None:
             heat = self.image_map
         else:
             if not -len(self.tokens) <= token < len(self.tokens):
                 raise IndexError(f"token {token} is out of range: the answer has {len(self.tokens)} tokens")
             heat = self.token_maps[token]
-        return paint(self.image, heat)
-
-
-def paint(image: Image.Image, heat: np.ndarray) -> Image.Image:
-    """A (gh, gw) map over ``image``, at the image's own size: colored where the map is strong (opacity follows it),
-    the photo untouched where it is weak (``heat_colors``)."""
-    width, height = image.size
-    # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
-    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
-    peak = up.max()
-    up = np.clip(up, 0.0, None) / peak if peak > 0 else np.zeros_like(up)  # bicubic may undershoot below 0
-    rgb, opacity = heat_colors(up)
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    weight = opacity[..., None]
-    return Image.fromarray((base * (1 - weight) + rgb.astype(np.float32) * weight).round().astype(np.uint8))
+        return paint(self.image, heat, max_side)
 
 
 def check_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -306,9 +234,7 @@ def token_query_weights(
 def lm_attention_modules(lm) -> list[torch.nn.Module]:
     """The LM's attention modules whose weights reach the query positions, in layer order: the decoder's
     self-attention (decoder-only LMs), or the decoder's cross-attention to the encoder (T5)."""
-    if lm.config.is_encoder_decoder:
-        return [m for name, m in lm.named_modules() if name.endswith("EncDecAttention")]
-    return [m for name, m in lm.named_modules() if name.endswith(".self_attn")]
+    return lm_modules(lm)["cross" if lm.config.is_encoder_decoder else "self"]
 
 
 def explain_answer(
@@ -323,48 +249,57 @@ def explain_answer(
     qformer_heads: Sequence[int] | int | None = None,
     lm_layers: Sequence[int] | int | None = None,
     lm_heads: Sequence[int] | int | None = None,
+    stop: threading.Event | None = None,
 ) -> Explanation:
     """Maps for ``answer_ids`` (what generation produced for the prepared ``inputs``), from one teacher-forced pass
     ("relevancy": plus the tokens' backward passes); the layers and heads of each hop as ``map_selection`` says.
 
-    Both hops are recorded in this thread only (the Q-Former's explicit path, ``lm_attention.recording``): other
-    requests generating with the same model at the same time run exactly as before.
+    Both hops are recorded in this thread only (``teacher_forced``): other requests generating with the same model
+    at the same time run exactly as before. ``stop``: set, it ends the pass early with ``Stopped``.
     """
     selection = map_selection(
         service.model, method, qformer_layers, qformer_heads, lm_layers, lm_heads, aggregate=aggregate
     )
-    return explain_selections(service, inputs, answer_ids, text, [selection])[0]
+    return explain_selections(service, inputs, answer_ids, text, [selection], stop)[0]
 
 
 def explain_selections(
-    service, inputs, answer_ids: torch.Tensor, text: str, selections: Sequence[MapSelection]
+    service,
+    inputs,
+    answer_ids: torch.Tensor,
+    text: str,
+    selections: Sequence[MapSelection],
+    stop: threading.Event | None = None,
 ) -> list[Explanation]:
     """One ``Explanation`` per selection (from ``map_selection``), the selections of a method sharing its passes:
-    one teacher-forced pass for "attention", one pass and the tokens' gradients for "relevancy"."""
-    model = service.model
-    grid = tuple(s // model.config.vision_config.patch_size for s in inputs.pixel_values.shape[-2:])
+    one teacher-forced pass for "attention", one pass and the tokens' gradients for "relevancy".
+
+    ``stop``: checked before each method's pass and between relevancy's gradient chunks; set, it raises ``Stopped``
+    (no pass is run when it is set from the start)."""
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
     pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
     keep = [i for i, piece in enumerate(pieces) if piece]
     which = keep or list(range(len(pieces)))  # no visible token: the whole-answer map is that of them all
     hops = {}  # selection → (maps (len(which), P), query maps (Q, P), weights (len(which), Q))
     for method in dict.fromkeys(s.method for s in selections):
+        stop_if_set(stop)
         chosen = list(dict.fromkeys(s for s in selections if s.method == method))
         if method == "attention":
-            results = attention_hops(service, inputs, answer_ids, chosen, grid)  # per selection: C (Q, P), R (n, Q)
+            results = attention_hops(service, inputs, answer_ids, chosen)  # per selection: C (Q, P), R (n, Q)
             for selection, (C, R) in zip(chosen, results, strict=True):
                 maps = (R.to(C.device) @ C)[which].cpu()  # every row, then the visible ones (as the maps always were)
                 hops[selection] = (maps, C.cpu(), R[which].cpu())
         else:
-            results = relevancy_hops(service, inputs, answer_ids, chosen, which)  # R (n, Q), per-token C (n, Q, P)
+            results = relevancy_hops(service, inputs, answer_ids, chosen, which, stop)  # R (n, Q), C (n, Q, P)
             for selection, (R, Cs) in zip(chosen, results, strict=True):
                 hops[selection] = (torch.einsum("tq,tqp->tp", R, Cs), Cs.mean(0), R)
     image = inputs.image
-    return [_explanation(text, pieces, keep, grid, image, selection, *hops[selection]) for selection in selections]
+    return [_explanation(text, pieces, keep, image, selection, *hops[selection]) for selection in selections]
 
 
-def _explanation(text, pieces, keep, grid, image, selection, maps, query_maps, weights) -> Explanation:
+def _explanation(text, pieces, keep, image, selection, maps, query_maps, weights) -> Explanation:
     """The ``Explanation`` of one selection's maps (len(which), P), query maps (Q, P) and weights (len(which), Q)."""
+    grid = patch_grid(maps.shape[-1])  # P columns: the image tokens less CLS, as the pass found them
     maps = maps.reshape(-1, *grid)  # (len(which), gh, gw)
     whole = maps.mean(0).numpy().astype(np.float64)
     return Explanation(
@@ -386,39 +321,23 @@ def _rows_to_one(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
     return x / np.maximum(x.sum(axis=axis, keepdims=True), 1e-300)
 
 
-def attention_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence[MapSelection], grid) -> list:
+def attention_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence[MapSelection]) -> list:
     """Raw attention, one teacher-forced pass; per selection (C (Q, P) where each query read the picture, R (n, Q) how
     much each answer token's producing position attended to each query), over the selection's layers and heads."""
     model = service.model
+    modules = lm_attention_modules(model.language_model)
+    forced = teacher_forced(
+        service, inputs, answer_ids, model.qformer.cross_attention_modules(), modules, in_graph=False
+    )
+    cross = list(forced.qformer.values())  # per cross-attention layer (1, nh, Q, 1 + P)
+    attentions = [forced.lm[m].cpu() for m in modules]  # per layer (1, nh, T, S)
     q = model.config.num_query_tokens
-    lm = model.language_model
-    with torch.inference_mode():
-        image_embeds = service.image_tokens([inputs])
-        with recording(model.qformer.cross_attention_modules()) as records:
-            query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
-        cross = [r for rec in records.values() for r in rec]
-        answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
-        modules = lm_attention_modules(lm)
-        with lm_attention.recording(modules) as lm_records:
-            if model.is_encoder_decoder:
-                embeds, mask = model.language_inputs(query_embeds, inputs.input_ids)
-                start = torch.tensor([[lm.config.decoder_start_token_id]], device=answer.device)
-                decoder_ids = torch.cat([start, answer[:, :-1]], dim=1)  # position t produces answer token t
-                lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids.to(embeds.device))
-                rows = torch.arange(answer.shape[1])
-            else:
-                ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)
-                embeds, mask = model.language_inputs(query_embeds, ids)
-                lm(inputs_embeds=embeds, attention_mask=mask)
-                first = q + inputs.input_ids.shape[1] - 1  # the position that produced the first answer token
-                rows = torch.arange(first, first + answer.shape[1])
-        attentions = [lm_records[m][0].cpu() for m in modules]  # per layer (1, nh, T, S)
-        return [
-            (
-                query_image_maps(cross, grid, layers=s.qformer_layers, heads=s.qformer_heads),
-                token_query_weights(
-                    attentions, rows, q, "qformer" if s.uniform_lm else "mean", layers=s.lm_layers, heads=s.lm_heads
-                ),
-            )
-            for s in selections
-        ]
+    return [
+        (
+            query_image_maps(cross, forced.grid, layers=s.qformer_layers, heads=s.qformer_heads),
+            token_query_weights(
+                attentions, forced.rows, q, "qformer" if s.uniform_lm else "mean", layers=s.lm_layers, heads=s.lm_heads
+            ),
+        )
+        for s in selections
+    ]

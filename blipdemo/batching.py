@@ -1,7 +1,8 @@
 """Generation for a batch of requests: one ``generate`` call, each row with its own length, stop, time limit and stream.
 
-A request (``Request``) is prepared in its caller's thread (image, prompt, options: every error the user can cause
-is raised there, before any model work) and then decoded by ``run_batch``, alone or next to other requests:
+A request (``Request``) carries a checked ``Question`` (every error the user can cause was raised where it was made,
+before any model work), encoded in its caller's thread (``PreparedInputs``), and is decoded by ``run_batch``, alone
+or next to other requests:
 
 - the images not yet cached go through the ViT together, the Q-Former and projection run on the batch;
 - decoder-only LMs get the rows left-padded ([pad ; queries ; prompt], generate derives the positions from the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,19 +39,25 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .decoding import DecodingOptions
+from .question import Question
 
 
 @dataclass(eq=False)  # identity, as Request: field-wise == would compare tensors
 class PreparedInputs:
-    """One request's model inputs, before the image tokens (which the batch computes, or the cache has)."""
+    """A question encoded for the model (``Service.prepare``), before the image tokens (which the batch computes, or
+    the cache has)."""
 
-    image: object  # the upright RGB PIL picture, as the user gave it (size and orientation)
-    pixel_values: torch.Tensor  # (1, 3, H, W)
-    image_key: str  # content hash of pixel_values: the image-token cache's key
-    prompt: str  # the full text given to the LM (and to the Q-Former for InstructBLIP)
+    question: Question  # what was asked, as checked at the edge
+    prompt: str  # the full text given to the LM (and to the Q-Former for InstructBLIP), earlier turns that fit
     input_ids: torch.Tensor  # (1, T) LM prompt ids, no image placeholders
     qformer_input_ids: torch.Tensor | None  # (1, Tq) InstructBLIP only
-    max_new_tokens: int  # the answer room: the request's max_new_tokens, cut to what the LM's limit leaves
+    max_new_tokens: int  # the answer room: the question's max_new_tokens, cut to what the LM's limit leaves
+    pixel_values: torch.Tensor | None = None  # (1, 3, H, W), made at preparation only if the tokens were not cached
+
+    @property
+    def image(self):
+        """The upright RGB PIL picture, as the user gave it (size and orientation)."""
+        return self.question.picture.image
 
 
 @dataclass(eq=False)  # identity: the scheduler finds requests in its lists (field-wise == would compare tensors)
@@ -57,7 +65,6 @@ class Request:
     """A prepared request on its way through a batch; its caller waits on ``done`` or reads ``streamer``."""
 
     inputs: PreparedInputs
-    options: DecodingOptions
     key: tuple | None  # DecodingOptions.batch_key: equal keys share a batch; None decodes alone
     stop: threading.Event = field(default_factory=threading.Event)  # set by the caller: Stop, or it left
     external_stop: threading.Event | None = None  # the caller's own switch, only watched
@@ -68,6 +75,11 @@ class Request:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _deadline: float | None = None
+
+    @property
+    def options(self) -> DecodingOptions:
+        """The question's decoding options."""
+        return self.inputs.question.decoding
 
     def stopped(self) -> bool:
         return self.stop.is_set() or (self.external_stop is not None and self.external_stop.is_set())
@@ -311,8 +323,17 @@ def _ids_with_queries(
     return out
 
 
+class SchedulerError(RuntimeError):
+    """The scheduler's thread ended while this request waited: the caller is told instead of waiting for ever."""
+
+
 class Scheduler:
-    """Merges concurrent requests into batches of up to ``max_batch_size`` (see the module's docstring)."""
+    """Merges concurrent requests into batches of up to ``max_batch_size`` (see the module's docstring).
+
+    Under stops and faults: a stopped request leaves the queue at once (``withdraw``, and stopped requests are never
+    taken or counted); a caller waits with a bound (``wait``) and gets a ``SchedulerError`` if the thread died, and
+    the next request starts a new thread; a forked child (ZeroGPU's workers are forks) starts with a fresh lock and
+    an empty queue, whatever the parent's threads held at the fork."""
 
     def __init__(
         self, run: Callable[[list[Request], Callable[[int], bool] | None], list[Request]], max_batch_size: int
@@ -326,19 +347,50 @@ class Scheduler:
         self.batches = 0  # batches run so far, the rows they held, and the regroups (tests and benchmarks read these)
         self.rows = 0
         self.regroups = 0
+        _fresh_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread did not come along, and its lock may have been held at the fork."""
+        self._cond = threading.Condition()
+        self._pending = []
+        self._thread = None
+
+    def alive(self) -> bool:
+        """Whether this process's scheduler thread is running."""
+        return self._thread is not None and self._pid == os.getpid() and self._thread.is_alive()
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it starts with the next batch (at once when the model is idle)."""
         with self._cond:
-            # None yet, a forked child (threads don't fork), or one ended by an interrupt inside a batch.
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                if self._pid != os.getpid():
-                    self._pending = []  # the parent's waiting requests are not this process's
+            if not self.alive():  # none yet, or one that ended (an interrupt inside a batch, a fault)
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._loop, name="blipdemo-batches", daemon=True)
                 self._thread.start()
             self._pending.append(request)
             self._cond.notify()
+
+    def withdraw(self, request: Request) -> None:
+        """``request`` was stopped: if it still waits, it leaves the queue now and is finished (its caller is free);
+        in a batch, its row ends at the batch's next step."""
+        with self._cond:
+            if any(r is request for r in self._pending):
+                self._pending = [r for r in self._pending if r is not request]
+                request.finish()
+
+    def wait(self, request: Request, poll: float = 1.0) -> None:
+        """Wait until ``request`` is done; a ``SchedulerError`` if the thread that would serve it died meanwhile."""
+        while not request.done.wait(poll):
+            if not self.alive() and not request.done.is_set():
+                self.withdraw(request)
+                raise SchedulerError("The model's scheduler stopped before this request was served; ask again.")
+
+    def _purge(self) -> None:
+        """Stopped requests leave the queue (called with the lock held): they take no slot and count for nothing."""
+        stopped = [r for r in self._pending if r.stopped()]
+        if stopped:
+            self._pending = [r for r in self._pending if not r.stopped()]
+            for request in stopped:
+                request.finish()
 
     def _take(self) -> list[Request]:
         first = self._pending.pop(0)
@@ -357,28 +409,51 @@ class Scheduler:
         least as many as the live rows (and fit), so the recomputed prefill of the live rows is paid for by at
         least as many rows starting at once, and every regroup at least doubles the live rows. Never past an older
         request that cannot join (beam search, other sampling values): it goes next, so that a stream of joining
-        requests cannot keep it waiting for ever."""
+        requests cannot keep it waiting for ever. Stopped requests do not count."""
         room = self.max_batch_size - live
         if room <= 0:
             return False
         with self._cond:
+            self._purge()
             if not self._pending or self._pending[0].key != key:
                 return False
             waiting = sum(1 for r in self._pending if r.key == key)
         return min(waiting, room) >= live
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-                batch = self._take()
-            self.batches += 1
-            self.rows += len(batch)
-            key = batch[0].key
-            regroup = None if key is None else (lambda live, key=key: self._should_regroup(key, live))
-            left = self.run(batch, regroup)
-            if left:
-                with self._cond:  # the continuing rows go first: they were taken before anyone waiting now
-                    self._pending[:0] = left
-                    self.regroups += 1
+        batch: list[Request] = []
+        try:
+            while True:
+                with self._cond:
+                    self._purge()
+                    while not self._pending:
+                        self._cond.wait()
+                        self._purge()
+                    batch = self._take()
+                self.batches += 1
+                self.rows += len(batch)
+                key = batch[0].key
+                regroup = None if key is None else (lambda live, key=key: self._should_regroup(key, live))
+                left = self.run(batch, regroup)  # finishes its rows, also when it fails
+                batch = []
+                if left:
+                    with self._cond:  # the continuing rows go first: they were taken before anyone waiting now
+                        self._pending[:0] = left
+                        self.regroups += 1
+        except BaseException as e:
+            # The thread ends (an interrupt inside a batch, or a fault here): its rows are told, and the requests
+            # that wait stay for the next thread, which the next submit (or a waiting caller's error) brings.
+            for request in batch:
+                request.finish(SchedulerError(f"The model's scheduler stopped: {type(e).__name__}: {e}"))
+            raise
+
+
+def _fresh_after_fork(scheduler: Scheduler) -> None:
+    """Give ``scheduler`` a fresh lock and queue in every forked child (held weakly: no scheduler is kept alive)."""
+    ref = weakref.ref(scheduler)
+
+    def reset() -> None:
+        if (alive := ref()) is not None:
+            alive._after_fork()
+
+    os.register_at_fork(after_in_child=reset)

@@ -1,10 +1,11 @@
 """Generation control for the app: who is generating, how to stop them, and the bridge to the GPU entry point.
 
-- Each generation runs under a run id, registered under its Gradio session: the Stop button and a client that
-  goes away stop every generation of that session, and only those.
+- Each call of the GPU entry points — an answer, a remap — runs under a run id, registered under its Gradio
+  session: the Stop button and a client that goes away stop every run of that session, and only those.
 - ``Generations.answers`` pulls from ``gpu.answer`` (a plain generator, on ZeroGPU a forked worker behind it) in
   worker threads, so the event loop stays free; when Gradio cancels the event, ``finally`` flips the run's switch
-  (in this process) and closes the generator (which is what reaches a ZeroGPU worker).
+  (in this process) and closes the generator (which is what reaches a ZeroGPU worker). ``Generations.remap`` runs
+  ``gpu.remap`` in a worker thread the same way.
 - A client that vanishes without cancelling is caught from Gradio's queue (``_watch``).
 """
 
@@ -13,14 +14,22 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NamedTuple
 
 import anyio
 
 from . import gpu
-from .decoding import DecodingOptions
+from .question import Question
 
 log = logging.getLogger(__name__)
+_DONE = object()  # next()'s default: the generator has ended
+
+
+class _Run(NamedTuple):
+    id: str
+    stop: threading.Event
 
 
 class Generations:
@@ -31,35 +40,22 @@ class Generations:
         self.blocks = None  # the Gradio app whose queue reports vanished clients (set by the UI)
         self._runs: dict[str, dict[str, threading.Event]] = {}  # session hash → {run id: its stop switch}
 
-    async def answers(
-        self,
-        session: str | None,
-        image: str,
-        instruction: str,
-        history: Sequence[tuple[str, str]],
-        options: DecodingOptions,
-        template: bool = True,
-        maps: bool = False,
-    ) -> AsyncIterator[tuple[str, object]]:
-        """``gpu.answer``'s items, each new one once (heartbeats are dropped): ("text", …) then ("maps", …)."""
+    async def answers(self, session: str | None, question: Question) -> AsyncIterator[tuple[str, object]]:
+        """``gpu.answer``'s items for a checked question, each new one once (heartbeats are dropped): ("text", …),
+        then ("ids", …) and ("maps", …) — under a run id of this session."""
         self._watch()
-        session = session or "default"
-        run = uuid.uuid4().hex
-        done = object()
         text = None
-        with gpu.switch(run) as stop:
-            self._runs.setdefault(session, {})[run] = stop
-            iterator = gpu.answer(self.model_key, image, instruction, list(history), options, template, maps, run)
+        async with self._run(session) as run:
+            iterator = gpu.answer(self.model_key, question, run.id)
             try:
-                while (item := await anyio.to_thread.run_sync(next, iterator, done)) is not done:
+                while (item := await anyio.to_thread.run_sync(next, iterator, _DONE)) is not _DONE:
                     kind, value = item
                     if kind == "text" and value == text:  # a heartbeat: nothing new
                         continue
                     text = value if kind == "text" else text
                     yield item
             finally:
-                stop.set()
-                self._forget(session, run)
+                run.stop.set()
                 with anyio.CancelScope(shield=True):
                     # A cancelled await may leave a next() running in its worker thread; with the switch set (or,
                     # on ZeroGPU, at the next heartbeat) it returns, and close() then ends the generation.
@@ -69,6 +65,28 @@ class Generations:
                             break
                         except ValueError:  # "generator already executing"
                             await anyio.sleep(0.01)
+
+    async def remap(self, session: str | None, question: Question, ids: list[int]):
+        """``gpu.remap``: an answer's maps as ``question.maps`` says, under a run id of this session (Stop and a
+        vanished client end it too); None when it was stopped."""
+        self._watch()
+        async with self._run(session) as run:
+            try:
+                return await anyio.to_thread.run_sync(gpu.remap, self.model_key, question, ids, run.id)
+            finally:
+                run.stop.set()  # a cancelled await leaves the pass running in its thread: it ends at its next check
+
+    @asynccontextmanager
+    async def _run(self, session: str | None) -> AsyncIterator[_Run]:
+        """A run id of ``session`` with its stop switch, known to ``gpu`` and to ``stop`` while the block lasts."""
+        session = session or "default"
+        run = uuid.uuid4().hex
+        with gpu.switch(run) as stop:
+            self._runs.setdefault(session, {})[run] = stop
+            try:
+                yield _Run(run, stop)
+            finally:
+                self._forget(session, run)
 
     def _forget(self, session: str, run: str) -> None:
         runs = self._runs.get(session, {})

@@ -2,36 +2,47 @@
 
 On a ZeroGPU Space, ``spaces.GPU`` runs the decorated generator in a *forked worker process*: the call's arguments
 are pickled into the worker, each yielded item is pickled back, and closing the generator in the main process
-makes the worker close its own generator after the next item it yields. So ``answer``
+makes the worker close its own generator after the next item it yields. So ``answer`` and ``remap``
 
-- takes plain data only: the image as a file path, text, (question, answer) pairs, ``DecodingOptions``, a run id;
-- reaches the model through this module (``register`` puts it here before the fork; the worker inherits it);
-- yields plain data only: ``("text", answer so far)`` and, last, ``("maps", {...numpy arrays...})``;
-- yields a heartbeat (the unchanged text) every ``HEARTBEAT`` seconds while nothing new arrives, so that a closed
-  generator is noticed even in a beam search, which sends nothing until it ends.
+- take picklable values only: a model key, the checked ``Question`` (its picture decoded once, at the edge), a run id
+  (``remap``: and the answer's token ids);
+- reach the model through this module (``register`` puts it here before the fork; the worker inherits it);
+- give back picklable values only: text, token ids, an ``Explanation`` without its picture (the caller has it);
+- ``answer`` yields a heartbeat (the unchanged text) every ``HEARTBEAT`` seconds while nothing new arrives, so that a
+  closed generator is noticed even in a beam search, which sends nothing until it ends;
+- never raise a user's error in the worker: it comes back as a value, raised in the caller's process (the package
+  keeps a worker for the next call only when its call ended without raising).
 
-Anywhere else the decorator does nothing and ``answer`` runs in the app's own process, where a Stop also reaches
-a running generation through its run id's switch (``switch``), within one decoding step.
+Anywhere else the decorator does nothing and both run in the app's own process, where a Stop (or a client that went
+away, ``control``) reaches them through their run id's switch (``switch``): a generation within one decoding step,
+a remap before its pass or between relevancy's gradient chunks. Nothing here times the reader: a busy event loop
+that pulls late is not a vanished client.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
 
-import gradio as gr
 import torch
+from PIL import Image
 
-from .decoding import DecodingOptions
+from .attention import Explanation
+from .batching import SchedulerError
+from .errors import UserError
 from .images import ImageError
+from .question import Question
+from .teacher_forced import Stopped
 
+log = logging.getLogger(__name__)
 HEARTBEAT = 0.5  # seconds between heartbeats while a generation sends nothing (beam search)
-# The reader pulls the next piece as soon as it has passed one on; a piece left unpulled this long means the
-# client is gone without a word (Gradio drops a disconnected event without closing its generator).
-READER_TIMEOUT = 0.5
-GPU_MARGIN = 30  # seconds of GPU time asked for on top of the generation's own time limit (the maps, start-up)
+DEFAULT_TIME_LIMIT = 120  # seconds: the most a lease asks for when the service sets no generation time limit
 
 _models: dict[str, object] = {}  # model key → loaded model, set before any fork
 _home = os.getpid()  # the process that loaded the models; a ZeroGPU worker is a fork of it
@@ -57,11 +68,51 @@ def switch(run: str) -> Iterator[threading.Event]:
         _switches.pop(run, None)
 
 
-def gpu_seconds(model: str, *args, **kwargs) -> int:
-    """How long ZeroGPU should hold a GPU for one ``answer`` call: the generation's limit plus a margin."""
+def _switch(run: str | None) -> threading.Event:
+    """The stop switch of run id ``run`` (Stop, or the client left); without one (a direct call), a switch of its
+    own."""
+    return (_switches.get(run) if run else None) or threading.Event()
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What one call costs the model in use, in seconds of GPU time (``calibrate`` measures them)."""
+
+    start: float  # preparing a question and its first step (image tokens, Q-Former, prefill)
+    per_token: float  # one more token of a greedy or sampled answer
+    per_beam_token: float  # one more token for each beam past the first
+    maps_per_token: float  # the maps' pass, per answer token (relevancy's backward passes included)
+
+
+# Before calibration (or where it cannot run): a 7B-class LM on a ZeroGPU H200, generously rounded up.
+DEFAULT_COSTS = Costs(start=2.0, per_token=0.05, per_beam_token=0.01, maps_per_token=0.02)
+LEASE_MARGIN = 1.5  # the measured costs times this, plus LEASE_FLOOR: a busy GPU or a long prompt still fits
+LEASE_FLOOR = 5  # seconds, on top of every lease (the worker's own start)
+REMAP_SECONDS = 20  # one teacher-forced pass and, for relevancy, its backward passes: a small fixed lease
+
+_costs: dict[str, Costs] = {}  # model key → its measured costs (``calibrate``)
+
+
+def answer_seconds(model: str, question: Question, run: str | None = None) -> int:
+    """How long ZeroGPU should hold a GPU for one ``answer`` call (``spaces.GPU``'s duration, called with the call's
+    own arguments): the question's room for new tokens at the measured per-token cost (more for beams), its maps,
+    a margin — never more than the generation's time limit. ZeroGPU refuses a call that asks for more seconds than
+    the visitor has left, and schedules shorter ones first: ask for what the call needs."""
     vlm = _models.get(model)
-    limit = getattr(vlm, "generation_time_limit", None) or 120
-    return int(limit) + GPU_MARGIN
+    costs = _costs.get(model, DEFAULT_COSTS)
+    options = question.decoding.resolved(vlm.language_model.generation_config) if vlm is not None else {}
+    beams = max(1, options.get("num_beams") or 1)
+    tokens = question.decoding.max_new_tokens
+    seconds = costs.start + tokens * (costs.per_token + (beams - 1) * costs.per_beam_token)
+    if question.maps is not None:
+        seconds += tokens * costs.maps_per_token
+    limit = getattr(vlm, "generation_time_limit", None) or DEFAULT_TIME_LIMIT
+    return int(min(math.ceil(LEASE_MARGIN * seconds) + LEASE_FLOOR, limit))
+
+
+def remap_seconds(model: str, *args, **kwargs) -> int:
+    """How long ZeroGPU should hold a GPU for one ``remap`` call: a small fixed lease."""
+    return REMAP_SECONDS
 
 
 def _in_this_process(model: str):
@@ -75,104 +126,164 @@ def _in_this_process(model: str):
 
 @contextmanager
 def _user_errors(out_of_memory: str) -> Iterator[None]:
-    """Errors a user can act on, as ``gr.Error`` (it pickles across the fork): a bad image or a value out of range
-    with its own message, running out of memory with ``out_of_memory``."""
+    """Errors a user can act on, as ``UserError`` (a ``gr.Error`` that pickles across the fork): a bad image or a value
+    out of range with its own message, running out of memory with ``out_of_memory``."""
     try:
         yield
-    except (ImageError, ValueError) as e:
-        raise gr.Error(str(e)) from e
+    except (ImageError, ValueError, SchedulerError) as e:
+        raise UserError(str(e)) from e
     except torch.OutOfMemoryError as e:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        raise gr.Error(out_of_memory) from e
+        raise UserError(out_of_memory) from e
 
 
 try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
     import spaces
 
-    on_gpu = spaces.GPU(duration=gpu_seconds)
+    def on_gpu(duration):
+        return spaces.GPU(duration=duration)
+
 except ImportError:  # anywhere else: nothing special
 
-    def on_gpu(fn):
-        return fn
+    def on_gpu(duration):
+        return lambda fn: fn
 
 
-@on_gpu
-def answer(
-    model: str,
-    image: str,
-    instruction: str,
-    history: Sequence[tuple[str, str]],
-    options: DecodingOptions,
-    template: bool = True,
-    maps: bool = False,
-    run: str | None = None,
-) -> Iterator[tuple[str, object]]:
-    """Generate an answer (and its attention maps), yielding plain data.
+def answer(model: str, question: Question, run: str | None = None) -> Iterator[tuple[str, object]]:
+    """Generate the answer to a checked ``question`` (and its attention maps), yielding plain data.
 
-    ``("text", the answer so far)`` as it grows (and unchanged as a heartbeat), then, with ``maps`` and a
-    non-empty answer, ``("maps", {"text", "tokens", "token_maps", "image_map"})``. A bad image, a value out of
-    range or an out-of-memory error is a ``gr.Error`` with a message for the user (it pickles across the fork).
+    ``("text", the answer so far)`` as it grows (and unchanged as a heartbeat), then ``("ids", its token ids)``,
+    then, when the question asks for maps and the answer is not empty, ``("maps", its Explanation)`` without the
+    picture (the caller has it). ``run``: the run id whose switch (``switch``) stops it. An instruction too long for
+    the model or an out-of-memory error is a ``UserError`` with a message for the user, raised here, in the caller's
+    process (``_answer`` sends it back as an item).
     """
+    with closing(_answer(model, question, run)) as items:  # closing this generator closes the GPU's
+        for kind, value in items:
+            if kind == "error":
+                raise value
+            yield kind, value
+
+
+def remap(model: str, question: Question, ids: list[int], run: str | None = None) -> Explanation | None:
+    """The maps of an answer already given (its token ``ids``) as ``question.maps`` now says (another method,
+    layers or heads): one teacher-forced pass (relevancy: and its backward passes), no generation; the image tokens
+    come from the cache. None when the run's switch ended it. Errors as in ``answer``."""
+    result = _remap(model, question, ids, run)
+    if isinstance(result, UserError):
+        raise result
+    return result
+
+
+# On ZeroGPU a user's error comes back from the worker as a value: the `spaces` package keeps a worker for the next
+# call only when its call ended without raising; otherwise the next call forks a new one, and the old one waits,
+# idle, for good (tests/test_zerogpu.py).
+
+
+@on_gpu(answer_seconds)
+def _answer(model: str, question: Question, run: str | None = None) -> Iterator[tuple[str, object]]:
+    """``answer``'s items, computed where ZeroGPU runs the call; a ``UserError`` as a last item ``("error", it)``."""
     vlm = _in_this_process(model)
-    # The run's switch (Stop, or the client left); without a run id (a direct call) a switch of its own.
-    stop = (_switches.get(run) if run else None) or threading.Event()
+    stop = _switch(run)
     text = ""
     oom = "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
-    with _user_errors(oom):
-        answer_ = vlm.start(
-            image,
-            instruction,
-            history=history,
-            options=options,
-            template=template,
-            stop_event=stop,
-            heartbeat=HEARTBEAT,
-        )
-        for piece in answer_:
-            text += piece
-            # The reader pulls the next item as soon as it has passed one on: one left unpulled for READER_TIMEOUT
-            # means the client is gone without a word (Gradio drops a disconnected event without closing us).
-            reader = threading.Timer(READER_TIMEOUT, stop.set)
-            reader.daemon = True
-            reader.start()
-            try:
+    try:
+        with _user_errors(oom):
+            generation = vlm.start(question, stop_event=stop, heartbeat=HEARTBEAT)
+            for piece in generation:
+                text += piece
                 yield "text", text
-            finally:
-                reader.cancel()
-        if maps and text.strip() and not stop.is_set():
-            ids = answer_.ids
-            yield "maps", {**maps_data(vlm.explain_prepared(answer_.inputs, ids, text.strip())), "ids": ids.tolist()}
+            ids = generation.ids
+            yield "ids", ids.tolist()
+            if question.maps is not None and text.strip() and not stop.is_set():
+                try:
+                    explanation = vlm.explain_prepared(generation.inputs, ids, text.strip(), stop=stop)
+                except Stopped:
+                    return
+                yield "maps", replace(explanation, image=None)
+    except UserError as e:
+        yield "error", e
 
 
-def maps_data(e) -> dict:
-    """An ``Explanation`` as plain data (it pickles across a ZeroGPU fork): the picture stays with the caller."""
-    return {
-        "text": e.text,
-        "tokens": e.tokens,
-        "token_maps": e.token_maps,
-        "image_map": e.image_map,
-        "query_maps": e.query_maps,
-        "query_weights": e.query_weights,
-        "method": e.method,
-    }
-
-
-@on_gpu
-def remap(
-    model: str,
-    image: str,
-    instruction: str,
-    history: Sequence[tuple[str, str]],
-    template: bool,
-    max_new_tokens: int,
-    ids: list[int],
-    selection: dict,
-) -> dict:
-    """The maps of an answer already given (its token ``ids``, asked with ``max_new_tokens``, which decides how much
-    history fitted) with another method, layers or heads (``selection``: ``Service.explain``'s map options): one
-    teacher-forced pass (relevancy: and its backward passes), no generation. Errors as in ``answer``."""
+@on_gpu(remap_seconds)
+def _remap(model: str, question: Question, ids: list[int], run: str | None = None) -> Explanation | UserError | None:
+    """``remap``'s result, computed where ZeroGPU runs the call; a ``UserError`` returned, not raised."""
     vlm = _in_this_process(model)
-    with _user_errors("The model ran out of memory making these maps. Try the attention method."):
-        inputs = vlm.prepare(image, instruction, history, max_new_tokens, template=template)
-        return maps_data(vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), **selection))
+    stop = _switch(run)
+    try:
+        with _user_errors("The model ran out of memory making these maps. Try the attention method."):
+            inputs = vlm.prepare(question)
+            try:
+                explanation = vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), stop=stop)
+            except Stopped:
+                return None
+            return replace(explanation, image=None)
+    except UserError as e:
+        return e
+
+
+@on_gpu(lambda model, *args, **kwargs: 60)
+def calibrate(model: str, tokens: int = 16) -> Costs:
+    """Measure what calls cost on the model in use, once at start-up (the leases ``answer_seconds`` asks for follow):
+    a question's start, greedy and 3-beam answers of ``tokens`` tokens, and their maps; on ZeroGPU in a worker, as a
+    real call runs. Returns the costs and keeps them for ``answer_seconds`` (in the calling process)."""
+    vlm = _in_this_process(model)
+    side = vlm.config.vision_config.image_size
+    picture = Image.new("RGB", (side, side), (128, 128, 128))
+    fixed = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+
+    def timed(**options) -> float:
+        question = vlm.question(picture, "Describe the image.", **options)
+        start = time.perf_counter()
+        vlm.answer_ids(question)
+        return time.perf_counter() - start
+
+    vlm.clear_cache()
+    start = timed(max_new_tokens=1, num_beams=1)  # the image tokens are computed here, as for a new picture
+    vlm.clear_cache()
+    greedy = timed(num_beams=1, **fixed)
+    beams = timed(num_beams=3, **fixed)
+    question = vlm.question(picture, "Describe the image.", maps={}, num_beams=1, **fixed)
+    inputs, ids = vlm.answer_ids(question)
+    began = time.perf_counter()
+    vlm.explain_prepared(inputs, ids)
+    maps = time.perf_counter() - began
+    per_token = max(greedy - start, 0.0) / max(tokens - 1, 1)
+    return Costs(
+        start=start,
+        per_token=per_token,
+        per_beam_token=max(beams - greedy, 0.0) / (2 * tokens),
+        maps_per_token=maps / max(len(ids), 1),
+    )
+
+
+def remember(model: str, costs: Costs) -> Costs:
+    """Keep the costs ``calibrate`` measured for ``model``'s leases (in this process: the one that asks for them)."""
+    _costs[model] = costs
+    return costs
+
+
+def on_zero_gpu() -> bool:
+    """Whether this app runs on a ZeroGPU Space (the ``spaces`` package in its ZeroGPU mode)."""
+    try:
+        import spaces
+    except ImportError:
+        return False
+    return bool(getattr(getattr(spaces, "config", None), "Config", None) and spaces.config.Config.zero_gpu)
+
+
+def calibrate_leases(model: str) -> Costs | None:
+    """On ZeroGPU, measure the model's costs once (``calibrate``) so that every lease fits its call; elsewhere nothing
+    (no lease is asked for). A failed measurement keeps ``DEFAULT_COSTS`` and says so in the log."""
+    if not on_zero_gpu():
+        return None
+    try:
+        costs = remember(model, calibrate(model))
+    except Exception as e:  # noqa: BLE001 - the app must start; the leases then follow the defaults
+        log.warning(
+            "Could not measure the model's GPU costs (%s: %s); leases follow %s", type(e).__name__, e, DEFAULT_COSTS
+        )
+        return None
+    log.info("GPU costs of this model: %s", costs)
+    return costs

@@ -4,8 +4,9 @@ transformers dispatches attention through ``ALL_ATTENTION_FUNCTIONS[config._attn
 every thread that runs the model. Switching it to "eager" for a map pass (the only implementation that returns its
 weights) would switch it for concurrent generations too. Instead, ``install`` registers once, at load time, a thin
 wrapper around the implementation the LM already uses ("blipdemo:sdpa" around "sdpa", with sdpa's masks): generation
-runs exactly the wrapped function. Inside ``recording(lm, names)``, and only in the calling thread, the wrapper also
-computes softmax(q·kᵀ·scale + bias + mask) for the chosen attention modules and keeps it.
+runs exactly the wrapped function. Inside ``recording(modules)``, and only in the calling thread, the wrapper also
+computes softmax(q·kᵀ·scale + bias + mask) for those attention modules and keeps it (a function that returns its
+weights, eager, gives its own).
 
 ``recording(modules, in_graph=True)`` is the mode relevancy maps need (gradients of the output with respect to the
 weights): there the wrapper computes the output itself from the weights it keeps (output = A·V), so the weights are
@@ -117,11 +118,6 @@ def install(lm: torch.nn.Module) -> None:
         ALL_ATTENTION_FUNCTIONS.register(name, _wrapper(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     lm.set_attn_implementation(name)
-
-
-def installed(lm: torch.nn.Module) -> bool:
-    """Whether ``install`` routed this LM's attention (maps need it)."""
-    return (lm.config._attn_implementation or "").startswith(PREFIX)
 
 
 @contextmanager

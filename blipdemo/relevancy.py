@@ -14,21 +14,22 @@ that produced it with respect to an attention map A (B, heads, Tq, Tk):
   R ← (I + Ā_self) R (``query_relevancy``): a query's map includes what it learned from the others. Cross-attention
   direct (R += Ā_cross), without the rule's (R̄ˢˢ)ᵀ factor: the same residual accounting as the self-attention rule.
 
-Gradients come from ``torch.autograd.grad`` on activations only (the recorded attention maps, in the graph of the
-output: ``qformer.recording`` and ``lm_attention.recording`` with ``in_graph=True``), the answer's tokens sharing
-batched backward passes on one retained graph; parameters are never changed, and no ``.grad`` is accumulated.
+Gradients come from ``torch.autograd.grad`` on activations only (the attention maps recorded by the teacher-forced
+pass raw attention uses too, ``teacher_forced.teacher_forced`` with ``in_graph=True``: there they are in the graph of
+the logits), the answer's tokens sharing batched backward passes on one retained graph, a chunk at a time; parameters
+are never changed, and no ``.grad`` is accumulated. A ``stop`` event is checked before each chunk (``Stopped``).
 Unselected layers of a hop count as identity (their residual stream only); the Q-Former's self-attention always takes
 all its layers and heads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 
-from . import lm_attention
-from .qformer import recording
+from .teacher_forced import stop_if_set, teacher_forced
 
 
 def gradcam(attention: torch.Tensor, gradient: torch.Tensor | None, heads: Sequence[int] | None) -> torch.Tensor:
@@ -154,51 +155,38 @@ def lm_modules(lm) -> dict[str, list[torch.nn.Module]]:
     }
 
 
-def _forward(model, inputs, query_embeds: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher-forced LM pass → (logits (1, S, V), rows (n,)): row t of ``rows`` produced answer token t."""
-    lm = model.language_model
-    if model.is_encoder_decoder:
-        embeds, mask = model.language_inputs(query_embeds, inputs.input_ids)
-        start = torch.tensor([[lm.config.decoder_start_token_id]], device=answer.device)
-        decoder_ids = torch.cat([start, answer[:, :-1]], dim=1).to(embeds.device)  # position t produces token t
-        # Decoder embeddings as a leaf that needs a gradient: the first decoder layer's self-attention hangs on it.
-        decoder_embeds = lm.get_input_embeddings()(decoder_ids).detach().requires_grad_()
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, decoder_inputs_embeds=decoder_embeds).logits
-        return logits, torch.arange(answer.shape[1])
-    ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)
-    embeds, mask = model.language_inputs(query_embeds, ids)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
-    first = model.config.num_query_tokens + inputs.input_ids.shape[1] - 1  # produced the first answer token
-    return logits, torch.arange(first, first + answer.shape[1])
-
-
-def relevancy_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence, which: Sequence[int]) -> list:
+def relevancy_hops(
+    service,
+    inputs,
+    answer_ids: torch.Tensor,
+    selections: Sequence,
+    which: Sequence[int],
+    stop: threading.Event | None = None,
+) -> list:
     """Per selection (``attention.MapSelection``), for the answer tokens in ``which``: (query weights R (n, Q), query
     maps C (n, Q, P)), both row-normalized.
 
-    One forward pass with every attention map in the graph (this thread only), then the tokens' gradients (batched
-    backward passes, ``gradients``, as many tokens at once as GRADIENT_BUDGET allows); the selections share them —
-    they only choose what is propagated."""
+    One teacher-forced pass with every attention map in the graph (``teacher_forced``, this thread only),
+    then the tokens' gradients (batched backward passes, ``gradients``, as many tokens at once as GRADIENT_BUDGET
+    allows); the selections share them — they only choose what is propagated. ``stop`` set before a chunk of
+    gradients: ``teacher_forced.Stopped``, the remaining chunks not taken."""
     model = service.model
     q = model.config.num_query_tokens
     modules = lm_modules(model.language_model)
     qf_self, qf_cross = model.qformer.self_attention_modules(), model.qformer.cross_attention_modules()
-    answer = answer_ids.reshape(1, -1).to(inputs.input_ids.device)
+    lm_list = [m for group in modules.values() for m in group]
     with torch.inference_mode(False), torch.enable_grad():
-        # The cached image tokens are inference tensors: a plain copy can enter a graph.
-        image_embeds = service.image_tokens([inputs]).clone()
-        with recording(qf_self + qf_cross, in_graph=True) as q_records:
-            query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)
-        lm_list = [m for group in modules.values() for m in group]
-        with lm_attention.recording(lm_list, in_graph=True) as lm_records:
-            logits, rows = _forward(model, inputs, query_embeds, answer)
-        maps = {m: q_records[m][0] for m in qf_self + qf_cross} | {m: lm_records[m][0] for m in lm_list}
+        forced = teacher_forced(service, inputs, answer_ids, qf_self + qf_cross, lm_list, in_graph=True)
+        maps = forced.qformer | forced.lm  # {module: (1, nh, Tq, Tk) in the graph of the logits}
+        logits, rows = forced.logits, forced.rows
+        answer = answer_ids.reshape(-1).to(logits.device)  # (n,)
         steps = list(which)
-        targets = logits[0, rows[steps].to(logits.device), answer[0, steps].to(logits.device)]  # (n,) their logits
+        targets = logits[0, rows[steps].to(logits.device), answer[steps]]  # (len(which),) the tokens' own logits
         results = [([], []) for _ in selections]
         reached = False
         chunk = chunk_size(list(maps.values()))
         for start in range(0, len(steps), chunk):  # the tokens' gradients a chunk at a time: memory stays bounded
+            stop_if_set(stop)
             found = gradients(targets[start : start + chunk], list(maps.values()))
             grads = dict(zip(maps, found, strict=True))  # {module: (chunk, 1, nh, Tq, Tk) or None}
             reached = reached or any(g is not None and bool(g.any()) for g in grads.values())

@@ -1,7 +1,9 @@
 """Service: what ``blipdemo.load`` returns — the model (``model.VisionLanguageModel``) and everything serving needs.
 
-- tokenizers and image processor; ``prepare`` checks and encodes one request in its caller's thread (image,
-  prompt, history that fits the limits, decoding options), so a bad request fails alone and before model work;
+- tokenizers and image processor; ``question`` checks a request against the model and makes it one value (a
+  ``question.Question``: the picture decoded once, instruction, history, template, decoding options, map selection),
+  so a bad request fails alone and before model work; ``prepare`` encodes a question in its caller's thread (the
+  prompt that fits the limits, the answer's room, pixels only when the image tokens are not cached);
 - a bounded, content-keyed cache of image tokens: follow-up questions about an image skip the ViT;
 - ``ask`` / ``stream`` / ``explain`` / ``embed``, and the forward call (``service(...)`` is the model's forward);
 - requests decode through ``batching.run_batch``: in the caller's thread (``max_batch_size=1``, the default), or,
@@ -12,9 +14,10 @@ record weights in their own thread (``lm_attention``) without switching the LM's
 
 from __future__ import annotations
 
-import hashlib
+import os
 import queue
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -22,15 +25,16 @@ import torch
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
-from .attention import Explanation, explain_answer, map_selection
-from .batching import PreparedInputs, Request, Scheduler, run_batch
+from .attention import Explanation, MapSelection, explain_selections, map_selection
+from .batching import PreparedInputs, Request, Scheduler, SchedulerError, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
-from .images import load_image
 from .model import VisionLanguageModel
 from .prompts import check_template, fit_history, normalize_history
+from .question import Picture, Question
 
 MAX_BATCH_SIZE = 64
+STREAM_POLL = 1.0  # seconds: how often a stream with no heartbeat looks whether its scheduler is still alive
 
 
 def check_max_batch_size(value) -> int:
@@ -46,10 +50,11 @@ class Answer:
     Closing the iterator (or leaving the loop) stops it; so does the caller's ``stop_event``.
     """
 
-    def __init__(self, service: Service, request: Request) -> None:
+    def __init__(self, service: Service, request: Request, heartbeat: float | None = None) -> None:
         self.service = service
         self.request = request
         self.inputs = request.inputs
+        self.heartbeat = heartbeat  # seconds: an empty increment whenever nothing new came for this long
 
     @property
     def ids(self) -> torch.Tensor:
@@ -58,13 +63,14 @@ class Answer:
 
     def __iter__(self) -> Iterator[str]:
         request, streamer = self.request, self.request.streamer
+        scheduler = self.service.scheduler
         thread = None
-        if self.service.scheduler is None:
+        if scheduler is None:
             thread = threading.Thread(target=run_batch, args=(self.service, [request]), name="blipdemo-generate")
             thread.daemon = True
             thread.start()
         else:
-            self.service.scheduler.submit(request)
+            scheduler.submit(request)
         started = False
         try:
             while True:
@@ -72,7 +78,17 @@ class Answer:
                     piece = next(streamer)
                 except StopIteration:
                     break
-                except queue.Empty:  # nothing new for `heartbeat` seconds: the heartbeat
+                except queue.Empty:  # nothing new for a while: a heartbeat, if asked for; is anyone still serving us?
+                    if request.stopped() and scheduler is not None and not request.done.is_set():
+                        scheduler.withdraw(request)  # stopped while it waits in the queue: it leaves now
+                        continue  # (finished: the stream ends)
+                    if scheduler is not None and not scheduler.alive() and not request.done.is_set():
+                        scheduler.withdraw(request)
+                        raise SchedulerError(
+                            "The model's scheduler stopped before this answer ended; ask again."
+                        ) from None
+                    if not self.heartbeat:
+                        continue
                     piece = ""
                 else:
                     if not started:
@@ -85,9 +101,23 @@ class Answer:
             request.stop.set()  # ends this row only; its batch goes on for the others
             if thread is not None:
                 thread.join()
-        request.done.wait()
+            elif not request.done.is_set():
+                scheduler.withdraw(request)  # still waiting in the queue: it leaves now
+        if scheduler is not None:
+            scheduler.wait(request)
         if request.error is not None:
             raise request.error
+
+
+def _fresh_lock_after_fork(service: Service) -> None:
+    """A forked child (a ZeroGPU worker) gets a fresh image-cache lock: another thread may have held it at the fork."""
+    ref = weakref.ref(service)
+
+    def reset() -> None:
+        if (alive := ref()) is not None:
+            alive._cache_lock = threading.Lock()
+
+    os.register_at_fork(after_in_child=reset)
 
 
 class Service:
@@ -115,6 +145,7 @@ class Service:
         self.vision_calls = 0  # how often the ViT really ran (the cache's effect is visible in tests)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
+        _fresh_lock_after_fork(self)
         self.max_batch_size = max_batch_size
         self.scheduler = None
         if max_batch_size > 1:
@@ -159,28 +190,31 @@ class Service:
     # Images
     def preprocess(self, image) -> torch.Tensor:
         """Any accepted image input → ``pixel_values`` (1, 3, H, W) float32, by the checkpoint's processor."""
-        return self._pixels(load_image(image))
+        return self._pixels(Picture.of(image).image)
 
     def _pixels(self, pil) -> torch.Tensor:
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 
-    @staticmethod
-    def _key(pixel_values: torch.Tensor) -> str:
-        return hashlib.blake2b(pixel_values.numpy().tobytes(), digest_size=16).hexdigest()
+    def cached(self, picture: Picture) -> bool:
+        """Whether the picture's image tokens are in the cache now."""
+        with self._cache_lock:
+            return picture.key in self._cache
 
-    def image_tokens(self, inputs: Sequence[PreparedInputs]) -> torch.Tensor:
-        """Image tokens (B, 1 + gh*gw, Dv) for prepared requests: cached ones from the cache, the others through the
-        ViT together (one call), then cached."""
+    def image_tokens(self, inputs: Sequence[PreparedInputs | Picture]) -> torch.Tensor:
+        """Image tokens (B, 1 + gh*gw, Dv) for prepared requests (or pictures): cached ones from the cache, the
+        others through the ViT together (one call), then cached. Pixels are made only for those not cached."""
+        pictures = [item if isinstance(item, Picture) else item.question.picture for item in inputs]
         found: dict[str, torch.Tensor] = {}
         with self._cache_lock:
-            for item in inputs:
-                if item.image_key in self._cache:
-                    self._cache.move_to_end(item.image_key)
-                    found[item.image_key] = self._cache[item.image_key]
+            for picture in pictures:
+                if picture.key in self._cache:
+                    self._cache.move_to_end(picture.key)
+                    found[picture.key] = self._cache[picture.key]
         missing: dict[str, torch.Tensor] = {}
-        for item in inputs:
-            if item.image_key not in found:
-                missing.setdefault(item.image_key, item.pixel_values)
+        for item, picture in zip(inputs, pictures, strict=True):
+            if picture.key not in found and picture.key not in missing:
+                pixels = None if isinstance(item, Picture) else item.pixel_values
+                missing[picture.key] = pixels if pixels is not None else self._pixels(picture.image)
         if missing:
             with torch.inference_mode():
                 self.vision_calls += 1
@@ -190,12 +224,7 @@ class Service:
                     found[key] = self._cache[key] = row[None]
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return torch.cat([found[item.image_key] for item in inputs])
-
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens (1, 1 + gh*gw, Dv) for one image's ``pixel_values``, from the cache when seen recently."""
-        item = PreparedInputs(None, pixel_values, self._key(pixel_values), "", torch.zeros(1, 0), None, 0)
-        return self.image_tokens([item])
+        return torch.cat([found[picture.key] for picture in pictures])
 
     def clear_cache(self) -> None:
         """Forget all cached image tokens."""
@@ -204,6 +233,43 @@ class Service:
 
     # ----------------------------------------------------------------------------------------------
     # Requests
+    def question(
+        self,
+        image,
+        instruction: str,
+        *,
+        history: Sequence = (),
+        template: bool = True,
+        maps: MapSelection | dict | None = None,
+        **decoding,
+    ) -> Question:
+        """Check a request against this model and make it the one value that travels down (``question.Question``).
+
+        ``image``: a path, PIL image, bytes, an array or a ``Picture`` (decoded here, once). ``history``: earlier
+        (question, answer) turns or chat messages. ``template`` as in ``ask``. ``maps``: None (no maps), or the map
+        options of ``attention.map_selection`` as a dict (method, layers and heads of each hop), or a
+        ``MapSelection``. ``decoding``: ``DecodingOptions`` fields. Every error a user can cause is raised here
+        (``ValueError`` naming the parameter and its range, ``ImageError``, ``TypeError`` for an unknown option),
+        the cheap checks before the image is decoded.
+        """
+        if self.model.language_model is None:
+            raise ValueError(
+                "This model was loaded without its language model (blipdemo.load_qformer): it embeds, it does "
+                "not answer. Load it with blipdemo.load to ask questions."
+            )
+        if not isinstance(instruction, str):
+            raise ValueError(f"The instruction must be text, got {type(instruction).__name__}.")
+        check_template(template)
+        if self.family == "instructblip" and not instruction.strip():
+            raise ValueError("The instruction is empty: type a question or an instruction.")
+        turns = tuple(normalize_history(history))
+        options = DecodingOptions.of(decoding)
+        if isinstance(maps, dict):
+            maps = map_selection(self.model, **maps)
+        elif maps is not None and not isinstance(maps, MapSelection):
+            raise ValueError(f"maps must be None, a dict of map options or a MapSelection, got {maps!r}")
+        return Question(Picture.of(image), instruction, turns, template, options, maps)
+
     def _limits(self) -> tuple[int, int]:
         """(LM token limit incl. queries and answer, Q-Former text limit)."""
         text_cfg = self.config.text_config
@@ -218,29 +284,17 @@ class Service:
         # User text is plain text: "<image>", "</s>" or "[SEP]" typed in a question never become control tokens.
         return tokenizer(text, split_special_tokens=True)["input_ids"]
 
-    def prepare(
-        self, image, prompt: str, history: Sequence = (), max_new_tokens: int = 256, *, template: bool = True
-    ) -> PreparedInputs:
-        """Validate and encode one request: the picture's pixels and the prompt ids that fit every limit.
+    def prepare(self, question: Question) -> PreparedInputs:
+        """Encode a checked question: the prompt ids that fit every limit (earlier turns dropped, oldest first, until
+        they do; an instruction that alone does not fit is a ValueError) and the answer's room; the picture's pixels
+        only when its image tokens are not cached.
 
-        ``template``: BLIP-2 wraps the prompt (stripped) in ``Question: … Answer:``; ``template=False`` sends it
-        exactly as written (no strip, earlier turns as typed). InstructBLIP has no template: no effect there.
+        BLIP-2 wraps the instruction (stripped) in ``Question: … Answer:``; ``template=False`` sends it exactly as
+        written (no strip, earlier turns as typed). InstructBLIP has no template.
         """
-        if self.model.language_model is None:
-            raise ValueError(
-                "This model was loaded without its language model (blipdemo.load_qformer): it embeds, it does "
-                "not answer. Load it with blipdemo.load to ask questions."
-            )
-        if not isinstance(prompt, str):
-            raise ValueError(f"The instruction must be text, got {type(prompt).__name__}.")
-        check_template(template)
-        if self.family == "instructblip" and not prompt.strip():
-            raise ValueError("The instruction is empty: type a question or an instruction.")
-        turns = normalize_history(history)
-        pil = load_image(image)
-        pixel_values = self._pixels(pil)
         lm_limit, q_limit = self._limits()
         num_queries = self.config.num_query_tokens
+        max_new_tokens = question.decoding.max_new_tokens
         # Decoder-only LMs hold queries, prompt and answer in one sequence; reserve room for the answer.
         reserve = 0 if self.is_encoder_decoder else min(max_new_tokens, lm_limit // 2)
         encoded: dict[str, list[int]] = {}
@@ -255,25 +309,28 @@ class Service:
             return True
 
         # A prefix prompt is kept as typed: "a photo of " and "a photo of" tokenize differently, as users intend.
-        as_written = self.family == "blip2" and not template
-        text, _ = fit_history(self.family, prompt if as_written else prompt.strip(), turns, fits, template)
+        instruction = question.instruction
+        as_written = self.family == "blip2" and not question.template
+        text, _ = fit_history(
+            self.family, instruction if as_written else instruction.strip(), question.history, fits, question.template
+        )
         if not self.is_encoder_decoder:
             max_new_tokens = min(max_new_tokens, lm_limit - num_queries - len(encoded["lm"]))
+        picture = question.picture
         return PreparedInputs(
-            image=pil,
-            pixel_values=pixel_values,
-            image_key=self._key(pixel_values),
+            question=question,
             prompt=text,
             input_ids=torch.tensor([encoded["lm"]]),
             qformer_input_ids=torch.tensor([encoded["q"]]) if self.family == "instructblip" else None,
             max_new_tokens=max_new_tokens,
+            # Resizing a large photo is work for the caller's thread, not the batch's (which other rows wait on).
+            pixel_values=None if self.cached(picture) else self._pixels(picture.image),
         )
 
-    def _request(self, inputs: PreparedInputs, options: DecodingOptions, stop_event=None, streamer=None) -> Request:
+    def _request(self, inputs: PreparedInputs, stop_event=None, streamer=None) -> Request:
         return Request(
             inputs=inputs,
-            options=options,
-            key=options.batch_key(self.model.language_model.generation_config),
+            key=inputs.question.decoding.batch_key(self.model.language_model.generation_config),
             external_stop=stop_event,
             time_limit=self.generation_time_limit,
             streamer=streamer,
@@ -285,9 +342,10 @@ class Service:
         else:
             self.scheduler.submit(request)
             try:
-                request.done.wait()
+                self.scheduler.wait(request)  # bounded: an error if the scheduler's thread dies
             finally:
                 request.stop.set()  # a caller interrupted while waiting: its row ends, nobody else's
+                self.scheduler.withdraw(request)
         if request.error is not None:
             raise request.error
         return request
@@ -296,18 +354,17 @@ class Service:
         """Answer ids → text (special tokens skipped, stripped)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def answer_ids(self, question: Question) -> tuple[PreparedInputs, torch.Tensor]:
+        """(the prepared inputs, the answer's token ids (1-D, special tokens included)) for a checked question."""
+        inputs = self.prepare(question)
+        request = self._submit_and_wait(self._request(inputs))
+        return inputs, torch.tensor(request.ids, dtype=torch.long)
+
     def generate_ids(
         self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options
     ) -> torch.Tensor:
-        """Token ids of the answer (1-D, special tokens included); ``template`` as in ``ask``."""
-        return self._generate(image, prompt, history, DecodingOptions.of(options), template)[1]
-
-    def _generate(
-        self, image, prompt: str, history: Sequence, options: DecodingOptions, template: bool = True
-    ) -> tuple[PreparedInputs, torch.Tensor]:
-        inputs = self.prepare(image, prompt, history, options.max_new_tokens, template=template)
-        request = self._submit_and_wait(self._request(inputs, options))
-        return inputs, torch.tensor(request.ids, dtype=torch.long)
+        """Token ids of the answer (1-D, special tokens included); arguments as in ``ask``."""
+        return self.answer_ids(self.question(image, prompt, history=history, template=template, **options))[1]
 
     def ask(self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options) -> str:
         """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns.
@@ -320,22 +377,16 @@ class Service:
         return self.decode(self.generate_ids(image, prompt, history=history, template=template, **options))
 
     def start(
-        self,
-        image,
-        prompt: str,
-        *,
-        history: Sequence = (),
-        options: DecodingOptions | dict | None = None,
-        template: bool = True,
-        stop_event: threading.Event | None = None,
-        heartbeat: float | None = None,
+        self, question: Question, *, stop_event: threading.Event | None = None, heartbeat: float | None = None
     ) -> Answer:
-        """Check and prepare a request now (errors raise here), and return its ``Answer`` to iterate; after the
-        iteration, ``answer.inputs`` and ``answer.ids`` let ``explain_prepared`` map it without preparing again."""
-        options = DecodingOptions.of(options)
-        inputs = self.prepare(image, prompt, history, options.max_new_tokens, template=template)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=heartbeat)
-        return Answer(self, self._request(inputs, options, stop_event, streamer))
+        """Prepare a checked question now (an instruction too long for the model raises here) and return its
+        ``Answer`` to iterate; after the iteration, ``answer.inputs`` and ``answer.ids`` let ``explain_prepared`` map
+        it without preparing again. ``stop_event`` and ``heartbeat`` as in ``stream``."""
+        inputs = self.prepare(question)
+        # The stream is read with a timeout even without heartbeats: a reader never waits on a dead scheduler.
+        timeout = heartbeat or STREAM_POLL
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=timeout)
+        return Answer(self, self._request(inputs, stop_event, streamer), heartbeat)
 
     def stream(
         self,
@@ -355,16 +406,8 @@ class Service:
         search sends nothing until its end), so that a reader that can only stop between items (a ZeroGPU worker)
         can stop at any time. ``template`` as in ``ask``.
         """
-        answer = self.start(
-            image,
-            prompt,
-            history=history,
-            options=options,
-            template=template,
-            stop_event=stop_event,
-            heartbeat=heartbeat,
-        )
-        yield from answer
+        question = self.question(image, prompt, history=history, template=template, **options)
+        yield from self.start(question, stop_event=stop_event, heartbeat=heartbeat)
 
     def explain(
         self,
@@ -396,14 +439,13 @@ class Service:
             "lm_layers": lm_layers,
             "lm_heads": lm_heads,
         }
-        map_selection(self.model, **maps)  # a bad choice fails here, before generation
-        decoding = DecodingOptions.of(options)
+        question = self.question(image, prompt, history=history, template=template, maps=maps, **options)
         if answer is None:
-            inputs, ids = self._generate(image, prompt, history, decoding, template)
-            return self.explain_prepared(inputs, ids, **maps)
-        inputs = self.prepare(image, prompt, history, decoding.max_new_tokens, template=template)
+            inputs, ids = self.answer_ids(question)
+            return self.explain_prepared(inputs, ids)
+        inputs = self.prepare(question)
         text = answer.strip()
-        return self.explain_prepared(inputs, self._answer_ids(inputs, text), text, **maps)
+        return self.explain_prepared(inputs, self._answer_ids(inputs, text), text)
 
     def explain_prepared(
         self,
@@ -411,25 +453,14 @@ class Service:
         ids: torch.Tensor,
         text: str | None = None,
         *,
-        method: str = "attention",
-        qformer_layers: Sequence[int] | int | None = None,
-        qformer_heads: Sequence[int] | int | None = None,
-        lm_layers: Sequence[int] | int | None = None,
-        lm_heads: Sequence[int] | int | None = None,
+        stop: threading.Event | None = None,
     ) -> Explanation:
-        """Maps for answer ``ids`` to the prepared request ``inputs`` (from ``start`` or ``prepare``): no new
-        preparation, the image tokens from the cache. The map options as in ``explain``."""
-        return explain_answer(
-            self,
-            inputs,
-            ids,
-            self.decode(ids) if text is None else text,
-            method=method,
-            qformer_layers=qformer_layers,
-            qformer_heads=qformer_heads,
-            lm_layers=lm_layers,
-            lm_heads=lm_heads,
-        )
+        """Maps for answer ``ids`` to the prepared ``inputs`` (from ``start`` or ``prepare``), as their question's
+        ``maps`` selection says (None: the default, attention over every layer and head): no new preparation, the
+        image tokens from the cache. ``stop`` (set: Stop, or the client left) ends the pass with ``Stopped``."""
+        selection = inputs.question.maps or map_selection(self.model)
+        text = self.decode(ids) if text is None else text
+        return explain_selections(self, inputs, ids, text, [selection], stop=stop)[0]
 
     def _answer_ids(self, inputs: PreparedInputs, text: str) -> torch.Tensor:
         """Token ids of a given answer as the model would have produced them, EOS included."""
@@ -465,6 +496,6 @@ class Service:
                     "(BLIP-2 image-text checkpoints such as Salesforce/blip2-itm-vit-g, or Salesforce/blipdiffusion)."
                 )
             ids = text_ids(self.qformer_tokenizer, text, self._limits()[1])
-        image_embeds = self.image_embeddings(self.preprocess(image))
+        image_embeds = self.image_tokens([Picture.of(image)])
         with torch.inference_mode():
             return self.model.query_outputs(image_embeds, ids)[0]

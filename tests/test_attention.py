@@ -3,6 +3,9 @@ and (steered) in the LM."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,10 @@ from PIL import Image
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import blipdemo
-from blipdemo.attention import colormap, query_image_maps, token_query_weights
+from blipdemo import heatmap
+from blipdemo.attention import METHODS, explain_answer, query_image_maps, token_query_weights
+from blipdemo.heatmap import colormap
+from blipdemo.teacher_forced import Stopped, patch_grid
 
 PROMPT = "What color is the circle?"
 
@@ -34,7 +40,8 @@ def test_maps_are_probability_maps_and_text_equals_ask(checkpoint_dir, images, f
 def test_overlay_colors_only_where_the_map_is_strong():
     """One hot patch in an 8×8 map over a 160×160 photo: far from it the photo is untouched, pixel for pixel; on it
     the colormap's bright end covers most of the photo; the legend is a gradient from the photo to that color."""
-    from blipdemo.attention import PEAK_OPACITY, Explanation, legend_css
+    from blipdemo.attention import Explanation
+    from blipdemo.heatmap import PEAK_OPACITY, legend_css
 
     rng = np.random.default_rng(3)
     photo = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
@@ -63,6 +70,84 @@ def test_overlay_has_the_image_size_and_orientation(checkpoint_dir):
     assert e.overlay(token=0).size == (90, 30)
     with pytest.raises(IndexError):
         e.overlay(token=len(e.tokens))
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth random photo (a 40 × 30 random image, bicubic-enlarged): detail at the scale of real pictures, not
+    pixel noise (which no two downsampling filters agree on)."""
+    small = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("size,max_side,expected", [((1200, 900), 300, (300, 225)), ((600, 1000), 250, (150, 250))])
+def test_overlay_at_max_side_is_the_full_overlay_resized(monkeypatch, size, max_side, expected):
+    """The overlay at ``max_side``: the image's longer side reduced to it, aspect kept, and the colors of today's
+    full-size overlay resized by PIL's Lanczos (within rounding). The maps keep their own size; the painting ran at
+    the reduced size (what makes a 12-megapixel upload cost what a small one does)."""
+    from blipdemo.attention import Explanation
+
+    photo = _photo(*size, seed=4)
+    heat = np.random.default_rng(5).random((6, 6)) ** 4  # a few strong patches, most of the picture untouched
+    heat /= heat.sum()
+    e = Explanation("red", ["red"], heat[None], heat, photo)
+    reference = np.asarray(e.overlay().resize(expected, Image.LANCZOS)).astype(int)  # (H, W, 3)
+    painted = []
+    colors = heatmap.heat_colors
+    monkeypatch.setattr(heatmap, "heat_colors", lambda values: painted.append(values.shape) or colors(values))
+    small = e.overlay(max_side=max_side)
+    assert small.size == expected and painted == [expected[::-1]]
+    difference = np.abs(np.asarray(small).astype(int) - reference)
+    assert difference.max() <= 3 and difference.mean() < 0.5, (difference.max(), difference.mean())
+    assert np.abs(np.asarray(e.overlay(0, max_side=max_side)).astype(int) - reference).max() <= 3
+    assert e.token_maps.shape == (1, 6, 6) and e.image_map.shape == (6, 6)
+    # At or above the image's own longer side: today's overlay, pixel for pixel.
+    assert np.array_equal(np.asarray(e.overlay(max_side=max(size))), np.asarray(e.overlay()))
+    with pytest.raises(ValueError, match="max_side"):
+        e.overlay(max_side=0)
+
+
+def test_patch_grid_is_the_square_of_the_image_tokens():
+    assert patch_grid(16) == (4, 4) and patch_grid(256) == (16, 16)
+    with pytest.raises(AssertionError, match="square"):
+        patch_grid(15)
+
+
+def test_maps_need_no_pixel_values_once_the_image_tokens_are_cached(loaded, images):
+    """The grid comes from the image tokens (1, 1 + P, Dv), not from the pixel values, which a request whose tokens
+    are cached need not carry."""
+    vlm = loaded("instructblip", "llama")
+    inputs = vlm.prepare(vlm.question(images[1], PROMPT))
+    ids = vlm._answer_ids(inputs, "red")
+    vlm.image_tokens([inputs])
+    lazy = dataclasses.replace(inputs, pixel_values=None)
+    grid = vlm.config.vision_config.image_size // vlm.config.vision_config.patch_size
+    for method in METHODS:
+        e = explain_answer(vlm, lazy, ids, "red", method=method)
+        assert e.token_maps.shape[1:] == (grid, grid) and e.query_maps.shape[1:] == (grid, grid)
+        np.testing.assert_array_equal(e.token_maps, explain_answer(vlm, inputs, ids, "red", method=method).token_maps)
+
+
+def test_a_stop_set_before_the_pass_runs_no_model_work(loaded, images, monkeypatch):
+    """Stop (or a vanished client) already set: ``Stopped`` for either method, before the image tokens or the LM are
+    touched. An event that is not set changes nothing."""
+    vlm = loaded("instructblip", "llama")
+    inputs = vlm.prepare(vlm.question(images[0], PROMPT))
+    ids = vlm._answer_ids(inputs, "red")
+    for method in METHODS:
+        plain = explain_answer(vlm, inputs, ids, "red", method=method)
+        unset = explain_answer(vlm, inputs, ids, "red", method=method, stop=threading.Event())
+        np.testing.assert_array_equal(unset.token_maps, plain.token_maps)
+    ran = []
+    monkeypatch.setattr(vlm, "image_tokens", lambda *a, **k: ran.append("vision"))
+    forward = vlm.language_model.forward
+    monkeypatch.setattr(vlm.language_model, "forward", lambda *a, **k: ran.append("lm") or forward(*a, **k))
+    stop = threading.Event()
+    stop.set()
+    for method in METHODS:
+        with pytest.raises(Stopped):
+            explain_answer(vlm, inputs, ids, "red", method=method, stop=stop)
+    assert ran == [], "a stopped map pass must not start"
+    assert issubclass(Stopped, Exception)
 
 
 def test_aggregation_of_a_hand_built_pattern():
@@ -205,7 +290,7 @@ def test_each_token_map_follows_the_query_its_token_looked_at(checkpoint_dir, im
     of its cross-attention each move the peaks; a map that ignores the LM (uniform over queries) has none."""
     vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32")
     image = images[0]
-    inputs = vlm.prepare(image, PROMPT)
+    inputs = vlm.prepare(vlm.question(image, PROMPT))
     _rig_qformer(vlm, inputs)
     num_queries = vlm.config.num_query_tokens
     assert num_queries == len(QUERY_PATCH)
@@ -287,7 +372,7 @@ def _rigged(vlm, images, monkeypatch, **rig):
     """The llama checkpoint with its Q-Former rigged (``_rig_qformer(**rig)``) and its LM steered (every layer and
     head); returns (image, explain(**options) for the fixed ANSWER)."""
     image = images[0]
-    inputs = vlm.prepare(image, PROMPT)
+    inputs = vlm.prepare(vlm.question(image, PROMPT))
     _rig_qformer(vlm, inputs, only_layers=rig.get("qformer_layers"), only_heads=rig.get("qformer_heads"))
     first_row = vlm.config.num_query_tokens + inputs.input_ids.shape[1] - 1
     _steer_lm(monkeypatch, vlm, first_row, only_layers=rig.get("lm_layers"), only_heads=rig.get("lm_heads"))
@@ -347,7 +432,7 @@ def test_lm_layer_and_head_choice(checkpoint_dir, images, monkeypatch):
 def test_map_options_are_checked_before_any_model_work(loaded, images, monkeypatch):
     vlm = loaded("instructblip", "llama")
     ran = []
-    monkeypatch.setattr(vlm, "_generate", lambda *a, **k: ran.append("generate"))
+    monkeypatch.setattr(vlm, "answer_ids", lambda *a, **k: ran.append("generate"))
     monkeypatch.setattr(vlm, "image_tokens", lambda *a, **k: ran.append("vision"))
     cases = {
         "qformer_layers": ([2], "0 to 1"),  # two cross-attention layers
@@ -379,7 +464,7 @@ def test_negative_indices_count_from_the_end(loaded, images):
     # "last" of the pointing game is the last layer of each hop.
     from blipdemo.attention import explain_answer
 
-    inputs = vlm.prepare(images[1], PROMPT)
+    inputs = vlm.prepare(vlm.question(images[1], PROMPT))
     ids = vlm._answer_ids(inputs, "red")
     last = explain_answer(vlm, inputs, ids, "red", aggregate="last")
     chosen = explain_answer(vlm, inputs, ids, "red", lm_layers=[-1], qformer_layers=[-1])

@@ -6,14 +6,14 @@ test_parity.py): float32, greedy, prompts of different lengths, images of differ
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 import torch
 
 import blipdemo
-from blipdemo.batching import run_batch
-from blipdemo.decoding import DecodingOptions
+from blipdemo.batching import Request, run_batch
 
 PROMPTS = ["What is in the image?", "Describe it in detail, please, and say what colors you see.", "Where?"]
 GREEDY = dict(num_beams=1, do_sample=False)
@@ -23,9 +23,9 @@ def _requests(vlm, images, lengths, minimums=None):
     minimums = minimums or [None] * len(lengths)
     out = []
     for i, (n, m) in enumerate(zip(lengths, minimums, strict=True)):
-        options = DecodingOptions.of(max_new_tokens=n, min_new_tokens=m, **GREEDY)
-        inputs = vlm.prepare(images[i % len(images)], PROMPTS[i % len(PROMPTS)], max_new_tokens=n)
-        out.append(vlm._request(inputs, options))
+        options = dict(max_new_tokens=n, min_new_tokens=m, **GREEDY)
+        question = vlm.question(images[i % len(images)], PROMPTS[i % len(PROMPTS)], **options)
+        out.append(vlm._request(vlm.prepare(question)))
     return out
 
 
@@ -193,9 +193,9 @@ def test_requests_arriving_mid_answer_join_it_and_every_row_answers_as_alone(
 
 def test_the_scheduler_tells_requests_apart_by_identity(batched, images):
     """Two requests about the same picture are still two requests (field-wise == would compare their tensors)."""
-    greedy, sampling = DecodingOptions.of(max_new_tokens=2, **GREEDY), DecodingOptions.of(do_sample=True, top_p=0.5)
+    greedy, sampling = dict(max_new_tokens=2, **GREEDY), dict(max_new_tokens=2, do_sample=True, top_p=0.5)
     first, other, second = (
-        batched._request(batched.prepare(images[0], PROMPTS[0], max_new_tokens=2), o)
+        batched._request(batched.prepare(batched.question(images[0], PROMPTS[0], **o)))
         for o in (greedy, sampling, greedy)
     )
     scheduler = batched.scheduler
@@ -227,7 +227,7 @@ def test_a_regroup_waits_until_the_newcomers_are_as_many_as_the_live_rows():
     from blipdemo.batching import Scheduler
 
     scheduler = Scheduler(lambda batch, regroup: [], max_batch_size=4)
-    waiting = [type("R", (), {"key": ("greedy",)})(), type("R", (), {"key": ("sampling",)})()]
+    waiting = [Request(inputs=None, key=("greedy",)), Request(inputs=None, key=("sampling",))]
     scheduler._pending = waiting
     assert scheduler._should_regroup(("greedy",), live=1)  # one newcomer for one live row
     assert not scheduler._should_regroup(("greedy",), live=2)  # one newcomer would make two rows recompute
@@ -358,3 +358,81 @@ def test_reference_alone_matches_transformers_sanity(checkpoint_dir, images):
     ours = vlm.ask(images[1], PROMPTS[1], max_new_tokens=8, **GREEDY)
     assert ours == reference_answer(folder, images[1], PROMPTS[1], max_new_tokens=8, **GREEDY)
     assert torch.is_tensor(vlm.generate_ids(images[1], PROMPTS[1], max_new_tokens=2, **GREEDY))
+
+
+
+def test_a_stopped_request_leaves_the_queue_at_once(batched, images, monkeypatch):
+    """A request stopped while it waits for a busy model ends at once: its reader is free (not held until the
+    running batch ends) and the request leaves the queue."""
+    gate = Gate(batched, monkeypatch)
+    _, t0 = _in_threads([lambda: batched.ask(images[0], "Hello?", max_new_tokens=2, **GREEDY)])
+    assert gate.entered.wait(10)  # the model is busy with the first request, held
+    switch = threading.Event()  # the run's switch: Stop, or the client left
+    stream = batched.stream(images[1], PROMPTS[1], max_new_tokens=4, do_sample=True, top_p=0.5, stop_event=switch)
+    read, threads = _in_threads([lambda: list(stream)])
+    _wait_pending(batched, 1)
+    switch.set()
+    threads[0].join(5)  # the model stays held all along
+    try:
+        assert not threads[0].is_alive(), "the stopped request's reader waited for the busy model"
+        assert read[0] == []
+        with batched.scheduler._cond:
+            assert not batched.scheduler._pending, "the stopped request still waits in the queue"
+    finally:
+        gate.open()
+        for t in t0 + threads:
+            t.join(30)
+
+
+def test_stopped_requests_take_no_slot_and_do_not_count_for_a_regroup():
+    from blipdemo.batching import Scheduler
+
+    def request(key, stopped=False):
+        switch = threading.Event()
+        if stopped:
+            switch.set()
+        return Request(inputs=None, key=key, external_stop=switch)
+
+    scheduler = Scheduler(lambda batch, regroup: [], max_batch_size=4)
+    scheduler._pending = [request(("greedy",), stopped=True), request(("greedy",))]
+    assert not scheduler._should_regroup(("greedy",), live=2)  # one live newcomer, not two
+    assert len(scheduler._pending) == 1 and not scheduler._pending[0].stopped()
+    scheduler._pending = [request(("sampling",), stopped=True), request(("greedy",))]
+    assert scheduler._should_regroup(("greedy",), live=1)  # a stopped older request holds nobody back
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the fault, on purpose
+def test_a_caller_is_told_when_the_scheduler_thread_dies_and_the_next_request_is_served(batched, images, monkeypatch):
+    """A scheduler thread that dies (a fault outside any batch) leaves no caller waiting for ever: the caller gets an
+    error, and the next request a new thread."""
+    from blipdemo.batching import SchedulerError
+
+    expected = batched.ask(images[0], PROMPTS[0], max_new_tokens=3, **GREEDY)
+    scheduler = batched.scheduler
+    real_take = scheduler._take
+
+    def broken_take():
+        raise RuntimeError("a fault in the scheduler")
+
+    monkeypatch.setattr(scheduler, "_take", broken_take)
+    results, threads = _in_threads([lambda: batched.ask(images[0], PROMPTS[0], max_new_tokens=3, **GREEDY)])
+    threads[0].join(10)
+    assert not threads[0].is_alive(), "the caller waited for a dead scheduler"
+    assert isinstance(results[0], SchedulerError), results[0]
+    monkeypatch.setattr(scheduler, "_take", real_take)
+    assert batched.ask(images[0], PROMPTS[0], max_new_tokens=3, **GREEDY) == expected  # served by a new thread
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (ZeroGPU's workers are forks)")
+def test_a_fork_while_a_lock_is_held_leaves_the_child_free(batched, images):
+    """ZeroGPU forks a worker while other threads of the app run: a lock held at that moment (the scheduler's, the
+    image cache's) must not stay held in the child, where nobody would release it."""
+    batched.ask(images[0], PROMPTS[0], max_new_tokens=2, **GREEDY)  # the scheduler thread exists
+    scheduler = batched.scheduler
+    with scheduler._cond, batched._cache_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: both locks must be free, and the queue empty
+            free = scheduler._cond.acquire(timeout=2) and batched._cache_lock.acquire(timeout=2)
+            os._exit(0 if free and not scheduler._pending and not scheduler.alive() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "a lock held at the fork stayed held in the child"

@@ -168,7 +168,9 @@ def test_wall_clock_limit(app, client, files, monkeypatch):
 
     monkeypatch.setattr(vlm.language_model, "generate", timed_generate)
     monkeypatch.setattr(vlm, "generation_time_limit", 1.0)
-    room = vlm.prepare(files["ok-1.png"], QUESTION, max_new_tokens=2000).max_new_tokens  # the LM's limit caps 2000
+    room = vlm.prepare(
+        vlm.question(files["ok-1.png"], QUESTION, max_new_tokens=2000)
+    ).max_new_tokens  # the LM's limit caps 2000
     answer = ask(client, files["ok-1.png"], max_new_tokens=2000, min_new_tokens=2000, method="Nucleus sampling")
     ((seconds, new_ids),) = runs
     assert len(new_ids) < room, "the time limit, not the token limit, must end it"
@@ -271,9 +273,9 @@ def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
 
     def chat(name):
         client = Client(url, verbose=False)
-        # image, instruction, chat, show maps, template, options → chat, instruction, maps panel, heatmap, words
+        # image, instruction, chat, show maps, template, options (map settings: defaults) → chat, instruction, heat, …
         outputs = client.predict(handle_file(str(files[name])), QUESTION, [], True, True, *options, api_name="/chat")
-        chat_out, heat = outputs[0], outputs[-2]
+        chat_out, heat = outputs[0], outputs[2]
         content = chat_out[-1]["content"]  # Gradio returns message content as [{"type": "text", "text": …}]
         text = "".join(part["text"] for part in content) if isinstance(content, list) else content
         return text, np.asarray(Image.open(heat))

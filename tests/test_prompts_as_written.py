@@ -32,7 +32,9 @@ def test_blip2_prompt_as_written_equals_reference(loaded, checkpoint_dir, images
     answers, wrapped = set(), set()
     for image in images[:2]:
         for prompt in AS_WRITTEN:
-            assert vlm.prepare(image, prompt, template=False).prompt == prompt  # not stripped, not wrapped
+            assert (
+                vlm.prepare(vlm.question(image, prompt, template=False)).prompt == prompt
+            )  # not stripped, not wrapped
             got = vlm.ask(image, prompt, template=False, **GREEDY)
             assert got == _reference_text(folder, image, prompt, **GREEDY), (lm, prompt)
             answers.add(got)
@@ -44,7 +46,7 @@ def test_blip2_prompt_as_written_equals_reference(loaded, checkpoint_dir, images
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_blip2_default_still_wraps_in_the_vqa_template(loaded, checkpoint_dir, images, lm):
     vlm, folder = loaded("blip2", lm), checkpoint_dir("blip2", lm)
-    assert vlm.prepare(images[0], " a photo of ").prompt == "Question: a photo of Answer:"
+    assert vlm.prepare(vlm.question(images[0], " a photo of ")).prompt == "Question: a photo of Answer:"
     for prompt in AS_WRITTEN:
         expected = _reference_text(folder, images[0], f"Question: {prompt.strip()} Answer:", **GREEDY)
         assert vlm.ask(images[0], prompt, **GREEDY) == expected
@@ -55,7 +57,7 @@ def test_blip2_history_as_typed(loaded, checkpoint_dir, images):
     vlm, folder = loaded("blip2", "opt"), checkpoint_dir("blip2", "opt")
     history = [("Q: what is it? A:", "a cat"), ("Q: where? A:", "on a mat")]
     text = "Q: what is it? A: a cat Q: where? A: on a mat Q: what color? A:"
-    assert vlm.prepare(images[0], "Q: what color? A:", history, template=False).prompt == text
+    assert vlm.prepare(vlm.question(images[0], "Q: what color? A:", history=history, template=False)).prompt == text
     got = vlm.ask(images[0], "Q: what color? A:", history=history, template=False, **GREEDY)
     assert got == _reference_text(folder, images[0], text, **GREEDY)
 
@@ -73,7 +75,7 @@ def test_instructblip_has_no_template_so_the_flag_changes_nothing(loaded, images
     vlm = loaded("instructblip", "llama")
     history = [("What color is the circle?", "red")]
     for template in (True, False):
-        assert vlm.prepare(images[0], " Where is it? ", history, template=template).prompt == (
+        assert vlm.prepare(vlm.question(images[0], " Where is it? ", history=history, template=template)).prompt == (
             "What color is the circle? red Where is it?"
         )
     assert vlm.ask(images[0], "Where is it?", template=False, **GREEDY) == vlm.ask(images[0], "Where is it?", **GREEDY)

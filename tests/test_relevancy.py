@@ -22,8 +22,10 @@ from test_attention import (
 
 import blipdemo
 from blipdemo import lm_attention, relevancy
+from blipdemo.attention import explain_answer
 from blipdemo.qformer import recording
 from blipdemo.relevancy import encoder_decoder_row, gradcam, normalize_rows, query_relevancy, relevancy_row
+from blipdemo.teacher_forced import Stopped
 
 
 def _cams(generator: torch.Generator, count: int, size: int, columns: int | None = None) -> list[torch.Tensor]:
@@ -147,6 +149,34 @@ def test_tokens_in_chunks_give_the_same_maps(loaded, images, monkeypatch):
     np.testing.assert_allclose(chunked.query_weights, whole.query_weights, atol=1e-6)
 
 
+def test_a_stop_between_gradient_chunks_ends_the_pass(loaded, images, monkeypatch):
+    """Two tokens' gradients at a time; Stop is set while the first chunk is taken: ``Stopped`` before the next chunk,
+    and the thread is left as it was (gradients on, nothing recorded), so that the next map pass runs as ever."""
+    vlm = loaded("instructblip", "llama")
+    inputs = vlm.prepare(vlm.question(images[0], PROMPT))
+    ids = vlm._answer_ids(inputs, ANSWER)
+    assert len(ids) > 4, "the answer must need more than two chunks"
+    whole = explain_answer(vlm, inputs, ids, ANSWER, method="relevancy")
+    stop, passes = threading.Event(), []
+    batched = relevancy.gradients
+
+    def first_then_stop(targets, records):
+        passes.append(len(targets))
+        stop.set()  # the caller's Stop arrives while this chunk's backward pass runs
+        return batched(targets, records)
+
+    monkeypatch.setattr(relevancy, "gradients", first_then_stop)
+    monkeypatch.setattr(relevancy, "chunk_size", lambda records: 2)
+    with pytest.raises(Stopped):
+        explain_answer(vlm, inputs, ids, ANSWER, method="relevancy", stop=stop)
+    assert passes == [2], "no chunk may be taken after the stop"
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    assert getattr(lm_attention._local, "records", None) is None
+    monkeypatch.setattr(relevancy, "gradients", batched)
+    again = explain_answer(vlm, inputs, ids, ANSWER, method="relevancy", stop=threading.Event())
+    np.testing.assert_allclose(again.token_maps, whole.token_maps, atol=1e-6)
+
+
 def test_chunk_size_follows_the_gradient_budget(monkeypatch):
     records = [torch.zeros(1, 4, 10, 10), torch.zeros(1, 4, 5, 20)]  # 800 values: 3,200 bytes a target
     monkeypatch.setattr(relevancy, "GRADIENT_BUDGET", 10_000)
@@ -207,7 +237,7 @@ def test_gradients_reach_the_recorded_lm_weights_as_in_eager_attention(checkpoin
 
 def test_qformer_output_is_computed_from_the_recorded_probabilities(loaded, images):
     vlm = loaded("instructblip", "llama")
-    inputs = vlm.prepare(images[0], PROMPT)
+    inputs = vlm.prepare(vlm.question(images[0], PROMPT))
     image_embeds = vlm.image_tokens([inputs]).clone()
     modules = vlm.model.qformer.self_attention_modules() + vlm.model.qformer.cross_attention_modules()
     with torch.inference_mode():
@@ -258,7 +288,7 @@ def test_relevancy_follows_the_hand_built_pattern_through_both_hops(checkpoint_d
     with unit gradients: relevancy must carry each token to its query and each query to its patch — through the
     right rows and columns, T5's encoder and decoder included."""
     vlm = blipdemo.load(checkpoint_dir(family, lm), dtype="float32")
-    inputs = vlm.prepare(images[0], PROMPT)
+    inputs = vlm.prepare(vlm.question(images[0], PROMPT))
     _rig_qformer(vlm, inputs)
     first_row = 0 if vlm.is_encoder_decoder else vlm.config.num_query_tokens + inputs.input_ids.shape[1] - 1
     _steer_lm(monkeypatch, vlm, first_row)
@@ -307,7 +337,7 @@ def test_relevancy_in_one_thread_leaves_other_threads_on_the_wrapped_function(lo
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(lm, "forward", slow)
-    answer = vlm.start(images[2], PROMPT, options={"max_new_tokens": 24, "min_new_tokens": 24, "num_beams": 1})
+    answer = vlm.start(vlm.question(images[2], PROMPT, max_new_tokens=24, min_new_tokens=24, num_beams=1))
     pieces = []
     reader = threading.Thread(target=lambda: pieces.extend(answer), daemon=True)
     reader.start()

@@ -167,3 +167,17 @@ def test_stop_latency():
     expected = 5 + (2 if AVAILABLE else 0) + 2
     assert len(rows) == expected, stdout
     assert any(row.startswith("| ZeroGPU double") for row in rows)
+
+
+@pytest.mark.parametrize("mode", [("--max-batch-size", "8"), ("--concurrency", "4")])
+def test_streaming_visitors_at_once_get_every_answer_whole_with_its_maps(mode):
+    """The short version of benchmarks/load_stream.py: 8 visitors chat at once through the chat event, four with
+    12-megapixel photos, maps on. No answer may be cut short or differ from the same question asked alone, and
+    every answer's maps must come (the script exits non-zero otherwise): a busy event loop is not a vanished client."""
+    stdout = run("benchmarks/load_stream.py", "--clients", "8", "--rounds", "1", "--large", "4", *mode)
+    summary = re.search(
+        r"\n\| 8 \| 1 \| 4 × 12 MP \| \d+ \| \d+ \| 0 ms \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", stdout
+    )
+    assert summary, stdout
+    answers, cut, differ, no_maps, failed = map(int, summary.groups())
+    assert (answers, cut, differ, no_maps, failed) == (8, 0, 0, 0, 0), stdout

@@ -109,7 +109,10 @@ def test_sentencepiece_only_folder_answers_as_reference(folders, images, kind, i
         [image_token, 5], skip_special_tokens=True
     )
     # "<image>" typed by a user is text, not the placeholder.
-    assert image_token not in vlm.prepare(images[0], "What is <image>?", max_new_tokens=4).input_ids[0].tolist()
+    assert (
+        image_token
+        not in vlm.prepare(vlm.question(images[0], "What is <image>?", max_new_tokens=4)).input_ids[0].tolist()
+    )
     answers = set()
     for image in images:
         for prompt in PROMPTS:

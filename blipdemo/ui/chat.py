@@ -1,0 +1,267 @@
+"""The chat's handlers: where a request from the page or the API becomes a ``Question``, and its answer streams back.
+
+- ``Chat.ask`` is the edge: the page's controls (or an API call's parameters) → one checked ``Question``, made in a
+  worker thread (the image is decoded there, once) with ``Service.question``; every error a user can cause becomes a
+  ``gr.Error`` with its message here, before anything waits for the model.
+- The page checks in a step of its own (``check``, in a concurrency group beside the model's), which hands the
+  question to the generating step (``respond``) through a ``gr.State``: a bad request shows its message alone, as a
+  toast, at once, instead of waiting for the model and painting an "Error" badge into the chat and the instruction
+  box (which Gradio puts on every output of an event that raises). For the same reason ``respond`` never raises: a
+  failure gives the turn back and shows its message as a toast.
+- The API endpoints (``/ask``, ``/stream``, ``/chat``) keep their parameters (Gradio's API page shows them); their
+  bodies build the question the same way and run the same code.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import gradio as gr
+
+from ..control import Generations
+from ..decoding import INSTRUCTBLIP_DEFAULTS
+from ..images import ImageError
+from ..question import Question
+from .maps import MapsPanel, Shown
+
+MAX_INSTRUCTION_CHARS = 4000
+BEAM, SAMPLE = "Beam search", "Nucleus sampling"
+EARLIER_SEPARATOR = " → "  # "question → answer", one turn per line: how an example's earlier turns read
+D = INSTRUCTBLIP_DEFAULTS
+
+
+def decoding_fields(method, beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition, length) -> dict:
+    """The decoding controls → ``DecodingOptions`` fields (``Service.question`` checks them, naming the parameter)."""
+    options = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "repetition_penalty": repetition}
+    if method == SAMPLE:
+        options.update(do_sample=True, num_beams=1, top_p=top_p, temperature=temperature)
+    elif method == BEAM:
+        options.update(do_sample=False, num_beams=beams, length_penalty=length)
+    else:
+        raise ValueError(f"method must be {BEAM!r} or {SAMPLE!r}, got {method!r}")
+    return options
+
+
+def turns_of(chat: list[dict] | None) -> list[tuple[str, str]]:
+    """Chatbot messages → (question, answer) pairs of finished turns."""
+    turns, question = [], None
+    for message in chat or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # Gradio may hand back structured content: keep the text parts
+            content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+        if message.get("role") == "user":
+            question = content
+        elif message.get("role") == "assistant" and question is not None:
+            turns.append((question, content or ""))
+            question = None
+    return turns
+
+
+def earlier_turns_text(history) -> str:
+    """[[question, answer], ...] → "question → answer" lines (the examples' table shows them as they are)."""
+    return "\n".join(f"{q}{EARLIER_SEPARATOR}{a}" for q, a in history)
+
+
+def parse_earlier_turns(text: str | None) -> list[tuple[str, str]]:
+    """``earlier_turns_text``'s lines back to (question, answer) pairs; anything else is no turn."""
+    turns = []
+    for line in (text or "").splitlines():
+        question, sep, answer = line.partition(EARLIER_SEPARATOR)
+        if sep and question.strip() and answer.strip():
+            turns.append((question.strip(), answer.strip()))
+    return turns
+
+
+def _escaped(error: gr.Error) -> gr.Error:
+    """A toast renders HTML, and our messages may quote a file's name."""
+    return gr.Error(html.escape(error.message))
+
+
+class Chat:
+    """The chat's handlers around one served model (``vlm``), its runs (``generations``) and its maps panel."""
+
+    def __init__(self, vlm, generations: Generations, panel: MapsPanel, history_turns: int | None) -> None:
+        self.vlm = vlm
+        self.generations = generations
+        self.panel = panel
+        self.history_turns = history_turns  # earlier turns put before a new question (None: all that fit; 0: none)
+
+    # ----------------------------------------------------------------------------------------------
+    # The edge
+    def ask(
+        self,
+        image,
+        instruction,
+        chat: list[dict] | None,
+        template,
+        decoding: Sequence,
+        maps: Sequence | None = None,
+    ) -> Question:
+        """The controls' values → a checked ``Question``, or a ``gr.Error`` with a message for the user.
+
+        ``chat``: the conversation so far (messages), whose finished turns (as many as ``history_turns``) come before
+        the question; ``decoding``: the decoding controls' values (``decoding_fields``); ``maps``: the map settings'
+        values (``MapsPanel.selection``) when maps are on, else None. Decodes the image: call it in a worker thread.
+        """
+        if image is None:
+            raise gr.Error("Upload an image first (or pick an example below).")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise gr.Error("Type a question or an instruction about the image.")
+        if len(instruction) > MAX_INSTRUCTION_CHARS:
+            raise gr.Error(
+                f"The instruction is too long ({len(instruction):,} characters; at most {MAX_INSTRUCTION_CHARS:,})."
+            )
+        history = turns_of(chat)
+        if self.history_turns is not None:
+            history = history[-self.history_turns :] if self.history_turns else []
+        try:
+            selection = None if maps is None else self.panel.selection(*maps)
+            return self.vlm.question(
+                image, instruction, history=history, template=template, maps=selection, **decoding_fields(*decoding)
+            )
+        except (ImageError, ValueError, TypeError) as e:
+            raise gr.Error(str(e)) from e
+
+    async def check(self, image, instruction, chat, show_maps, template, *controls) -> Question:
+        """The chat's first step: the question, checked (a bad request stops here, with its message alone)."""
+        decoding, maps = controls[:8], (controls[8:] if show_maps else None)
+        try:
+            return await anyio.to_thread.run_sync(self.ask, image, instruction, chat, template, decoding, maps)
+        except gr.Error as e:
+            raise _escaped(e) from e
+
+    async def check_regenerate(self, image, chat, show_maps, template, *controls) -> Question:
+        """Regenerate's first step: there must be an answer; the last question, asked again with the current
+        settings, after the turns before it."""
+        chat = list(chat or [])
+        turns = turns_of(chat)
+        if not turns:
+            raise gr.Error("There is no answer to regenerate yet.")
+        return await self.check(image, turns[-1][0], chat[:-2], show_maps, template, *controls)
+
+    # ----------------------------------------------------------------------------------------------
+    # Answering
+    async def respond(self, question: Question | None, chat, request: gr.Request = None):
+        """Append the turn, stream the answer into it, then (when the question asks for them) its attention maps.
+
+        Nothing here raises: a failure gives the turn back, as it was typed, and shows its message."""
+        if question is None:  # the check did not pass (its message is shown)
+            return
+        chat = list(chat or [])
+        asked = {"role": "user", "content": question.instruction}
+        unchanged = (gr.skip(),) * len(self.panel.outputs)
+        session = getattr(request, "session_hash", None)
+        ids = None
+        try:
+            turn = [*chat, asked, {"role": "assistant", "content": ""}]
+            yield turn, "", *unchanged
+            async for kind, value in self.generations.answers(session, question):
+                if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
+                    turn = [*chat, asked, {"role": "assistant", "content": value}]
+                    yield turn, "", *unchanged
+                elif kind == "ids":
+                    ids = value
+                else:  # the maps: painted in a worker thread, at the size the page shows them
+                    yield turn, "", *(await self.panel.show(Shown.of(question, ids, value)))
+        except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
+            gr.Warning(html.escape(e.message), title="Could not answer")
+            yield chat, question.instruction, *unchanged
+
+    async def regenerate(self, question: Question | None, chat, request: gr.Request = None):
+        """Answer the last question again (its turn replaced), as ``check_regenerate`` made it."""
+        if question is None or not turns_of(chat):  # the chat may have changed since the check
+            return
+        async for update in self.respond(question, list(chat)[:-2], request=request):
+            yield update
+
+    @staticmethod
+    def undo(chat):
+        """Remove the last turn and put its question back in the box."""
+        chat = list(chat or [])
+        turns = turns_of(chat)
+        if not turns:
+            return chat, gr.skip()
+        return chat[:-2], turns[-1][0]
+
+    def stop(self, request: gr.Request) -> None:
+        """The Stop button: ends this session's runs (answers and remaps)."""
+        self.generations.stop(getattr(request, "session_hash", None))
+
+    # ----------------------------------------------------------------------------------------------
+    # The API (parameter names are what API clients see)
+    async def api_chat(
+        self,
+        image,
+        instruction,
+        chat,
+        show_maps,
+        template,
+        *controls,
+        request: gr.Request = None,
+    ):
+        """/chat: the page's chat turn in one call (image, instruction, chat, show maps, template, the decoding
+        controls): the same question and the same outputs as pressing Send."""
+        try:
+            question = await self.check(image, instruction, chat, show_maps, template, *controls)
+        except gr.Error as e:
+            gr.Warning(e.message, title="Could not answer")
+            yield chat, instruction, *(gr.skip(),) * len(self.panel.outputs)
+            return
+        async for update in self.respond(question, chat, request=request):
+            yield update
+
+    async def api_ask(
+        self,
+        image,
+        instruction,
+        method=BEAM,
+        num_beams=D["num_beams"],
+        max_new_tokens=D["max_new_tokens"],
+        min_new_tokens=D["min_new_tokens"],
+        top_p=D["top_p"],
+        temperature=D["temperature"],
+        repetition_penalty=D["repetition_penalty"],
+        length_penalty=D["length_penalty"],
+        template=True,
+        request: gr.Request = None,
+    ) -> str:
+        """/ask: the whole answer at once."""
+        decoding = (method, num_beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition_penalty)
+        question = await self._api_question(image, instruction, template, (*decoding, length_penalty))
+        answer = ""
+        async for answer in self._texts(question, request):  # noqa: B007 - the last value is the whole answer
+            pass
+        return answer
+
+    async def api_stream(
+        self,
+        image,
+        instruction,
+        method=BEAM,
+        num_beams=D["num_beams"],
+        max_new_tokens=D["max_new_tokens"],
+        min_new_tokens=D["min_new_tokens"],
+        top_p=D["top_p"],
+        temperature=D["temperature"],
+        repetition_penalty=D["repetition_penalty"],
+        length_penalty=D["length_penalty"],
+        template=True,
+        request: gr.Request = None,
+    ):
+        """/stream: the answer so far, growing as it is generated. ``template`` (BLIP-2): False sends the
+        instruction exactly as written, without "Question: … Answer:"."""
+        decoding = (method, num_beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition_penalty)
+        question = await self._api_question(image, instruction, template, (*decoding, length_penalty))
+        async for answer in self._texts(question, request):
+            yield answer
+
+    async def _api_question(self, image, instruction, template, decoding: tuple) -> Question:
+        return await anyio.to_thread.run_sync(self.ask, image, instruction, (), template, decoding)
+
+    async def _texts(self, question: Question, request: gr.Request | None) -> AsyncIterator[str]:
+        session = getattr(request, "session_hash", None)
+        async for kind, value in self.generations.answers(session, question):
+            if kind == "text":
+                yield value
