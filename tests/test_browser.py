@@ -1,25 +1,34 @@
 """The app in a real headless Chromium (Debian's chromium, driven by Python playwright), used as a person uses it.
 
 Click an example, press Send without typing, read the streamed answer, click its words; at 1280 px and at a phone's
-390 px. Validation messages show alone (no "Error" badge painted into the chat or the instruction box). Regenerate,
-Undo, a slider, Clear. Screenshots are saved under artifacts/ for a person to look at.
+390 px. The page puts the chat first: the picture, then the chat and the instruction box (beside it on a desktop,
+below it on a phone), the maps explorer below them, opened by a word or "Show maps", and nothing empty on screen.
+Validation messages show alone (no "Error" badge painted into the chat or the instruction box). Regenerate, Undo, a
+slider, Clear. Screenshots are saved under artifacts/ for a person to look at; with BLIPDEMO_DOCS_SCREENSHOTS=1 the
+page's two widths also go to docs/ (the README shows them).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 import torch
 from browser import (
     ARTIFACTS,
-    AVAILABLE,
     bot_messages,
+    box,
     click_example,
+    click_picture,
     launch,
     open_app,
+    open_maps,
     read_answer,
+    set_slider,
+    shown,
+    skip_without_browser,
     toasts,
     visible_error_badges,
 )
@@ -30,9 +39,12 @@ import app as app_module
 pytestmark = pytest.mark.browser
 EXAMPLES = app_module.ASSETS / "examples"
 WIDTHS = {"desktop": (1280, 800), "phone": (390, 844)}
+DOCS = app_module.HERE / "docs"
+# What only an answer's maps bring: the entry under the chat (its words, "Show maps"), then the explorer and its parts.
+ENTRY = ["#answer-maps", "#words", "#open-maps"]
+EXPLORER = ["#maps", "#heatmap", "#legend", "#region-words", "#queries", "#map-settings"]
 
-if not AVAILABLE:  # pragma: no cover - .ci/run installs it
-    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+skip_without_browser()  # a skip with its reason where no browser is found (a failure in CI, which installs one)
 pytest.importorskip("playwright.sync_api")
 
 
@@ -56,28 +68,6 @@ def browser():
 
 def examples() -> list[dict]:
     return json.loads((EXAMPLES / "examples.json").read_text())
-
-
-def _set_slider(page, elem_id: str, value: int) -> None:
-    """Type ``value`` into a slider's number box, as a person can, and wait until the slider shows it too (the
-    shared state the next event sends). Keyboard presses on the range input proved racy while the accordion
-    opens, so the typing is retried until both agree."""
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.wait_for(state="visible")
-    check = (
-        f"document.querySelector('#{elem_id} input[type=range]').value == '{value}' && "
-        f"document.querySelector('#{elem_id} input[type=number]').value == '{value}'"
-    )
-    for _ in range(5):
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
-        try:
-            page.wait_for_function(check, timeout=4_000)
-            return
-        except Exception:  # playwright's TimeoutError: type it again
-            continue
-    page.wait_for_function(check, timeout=4_000)
 
 
 def _wait_for_toast(page, text: str) -> None:
@@ -161,8 +151,11 @@ def test_chat_controls_in_the_browser(url, browser):
     page.locator("#send").click()
     assert read_answer(page, example["answer"]) == example["answer"]
 
-    # Clicking a word shows that word's map over the image.
+    # The answer's words come under the chat, the explorer stays closed; "Show maps" opens it on the whole answer's
+    # map, a word shows that word's map, "Hide maps" closes it.
     page.wait_for_selector("#words label", timeout=30_000)
+    assert shown(page, ENTRY + EXPLORER) == ENTRY
+    open_maps(page)
     heat = page.locator("#heatmap img")
     whole = heat.get_attribute("src")
     page.locator("#words label").nth(2).click()
@@ -170,10 +163,18 @@ def test_chat_controls_in_the_browser(url, browser):
     assert page.locator("#legend").is_visible()
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
-    page.locator("#show-maps input").uncheck()
+    assert page.locator("#open-maps").inner_text().strip() == "Hide maps"
+    page.locator("#open-maps").click()
     page.wait_for_selector("#maps", state="hidden", timeout=10_000)
+    assert page.locator("#open-maps").inner_text().strip() == "Show maps"
+    open_maps(page)
+    # The maps switch: off hides every part of the maps; on brings the answer's words back, the explorer closed.
+    page.locator("#show-maps input").uncheck()
+    page.wait_for_selector("#answer-maps", state="hidden", timeout=10_000)
+    assert shown(page, ENTRY + EXPLORER) == []
     page.locator("#show-maps input").check()
-    page.wait_for_selector("#maps", state="visible", timeout=10_000)
+    page.wait_for_selector("#answer-maps", state="visible", timeout=10_000)
+    assert shown(page, ENTRY + EXPLORER) == ENTRY
 
     # Undo takes the turn back and puts its question in the box; Regenerate answers it again.
     page.locator("#undo").click()
@@ -189,7 +190,7 @@ def test_chat_controls_in_the_browser(url, browser):
 
     # A slider: at most 2 new tokens cuts the description short.
     page.locator("#decoding").get_by_text("Decoding").click()
-    _set_slider(page, "max-new-tokens", 2)
+    set_slider(page, "max-new-tokens", 2)
     page.locator("#instruction textarea").fill(example["question"])
     page.locator("#send").click()
     short = read_answer(page, turns=2)
@@ -197,7 +198,102 @@ def test_chat_controls_in_the_browser(url, browser):
 
     page.locator("#clear").click()
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
-    assert not page.locator("#maps").is_visible()
+    assert shown(page, ENTRY + EXPLORER) == [], "Clear takes the maps away with the chat"
+    page.close()
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_the_chat_comes_first_and_the_maps_wait_below(url, browser, size):
+    """What a new visitor sees, top to bottom: the picture, then the chat and the instruction box (below the picture
+    on a phone, all on the first screen; beside it on a desktop), and nothing empty: no part of the maps before an
+    answer has some. After an answer: its words under the chat, the explorer still closed; a word (phone) or "Show
+    maps" (desktop) opens it below the chat and the picture, its map scrolled into view; "Words that looked here"
+    appears once the map is clicked. The page with the maps open is saved as a screenshot (artifacts/page-<size>.png;
+    docs/ too with BLIPDEMO_DOCS_SCREENSHOTS=1)."""
+    import random
+
+    from blipdemo.tiny import scenes
+
+    width, height = WIDTHS[size]
+    page = open_app(browser, url, width, height)
+    assert page.evaluate("window.scrollY") == 0, "the page opens at its top, the picture first (no focus scrolls it)"
+    assert shown(page, ["#image", "#chat", "#instruction", "#send", "#examples"]) == [
+        "#image",
+        "#chat",
+        "#instruction",
+        "#send",
+        "#examples",
+    ]
+    assert shown(page, ENTRY + EXPLORER) == [], "nothing of the maps before an answer has some"
+
+    def chat_first():
+        image, chat, instruction = (box(page, s) for s in ("#image", "#chat", "#instruction"))
+        if size == "phone":
+            assert image["bottom"] <= chat["y"] and chat["bottom"] <= instruction["y"], (image, chat, instruction)
+        else:
+            assert abs(chat["y"] - image["y"]) < 2 and chat["x"] >= image["right"], "the chat beside the picture"
+            assert instruction["y"] >= chat["bottom"]
+        return image, chat, instruction
+
+    image, chat, instruction = chat_first()
+    assert instruction["bottom"] <= height, "the instruction box is on the first screen"
+
+    example = examples()[0]  # "Describe the image.": a green square and a purple circle (scene 11)
+    green = scenes.sample_scene(random.Random(11), n_objects=2).objects[0]
+    assert green.color == "green" and example["answer"].split()[1] == "green"
+    click_example(page, 0)
+    page.locator("#send").click()
+    assert read_answer(page, example["answer"]) == example["answer"]
+    page.wait_for_selector("#words label", timeout=30_000)
+    assert shown(page, ENTRY + EXPLORER) == ENTRY, "the answer's words under the chat, the explorer closed"
+    words = box(page, "#answer-maps")
+    assert words["y"] >= instruction["bottom"], "the words come after the instruction box, never in its way"
+
+    # A phone's visitor clicks the word "green" (chip 2; 0 is the whole answer); a desktop's presses "Show maps"
+    # and then clicks it.
+    if size == "phone":
+        open_maps(page, word=2)
+    else:
+        open_maps(page)
+        whole = page.locator("#heatmap img").get_attribute("src")
+        page.locator("#words label").nth(2).click()
+        page.wait_for_function(f"document.querySelector('#heatmap img').src != {whole!r}", timeout=20_000)
+    page.wait_for_selector("#queries img", timeout=20_000)
+    assert shown(page, ENTRY + EXPLORER) == [s for s in ENTRY + EXPLORER if s != "#region-words"]
+    page.wait_for_function(
+        "() => { const r = document.querySelector('#heatmap').getBoundingClientRect();"
+        " return r.top >= 0 && r.bottom <= window.innerHeight; }",
+        timeout=5_000,
+    )  # the map was scrolled into view
+    image, chat, instruction = chat_first()
+    explorer = box(page, "#maps")
+    assert explorer["y"] >= max(image["bottom"], instruction["bottom"], box(page, "#decoding")["bottom"])
+    if size == "desktop":
+        assert explorer["x"] <= image["x"] + 1 and explorer["right"] >= chat["right"] - 1, "a section of its own"
+
+    # Click the green square on the map: the words that looked there appear, "green" the strongest color word.
+    x0, y0, x1, y1 = green.box  # on the 224-px canvas; the map is painted at that size (shown scaled)
+    click_picture(page, "#heatmap img", (x0 + x1) / 2, (y0 + y1) / 2)
+    page.wait_for_function("document.querySelectorAll('#region-words .score-token').length > 0", timeout=20_000)
+    time.sleep(0.5)
+    assert page.locator("#region-words").is_visible()
+    colors = {w: s for w, s in _highlighted(page) if w in scenes.COLORS}
+    assert max(colors, key=colors.get) == "green", colors
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, "nothing may overflow sideways"
+
+    page.evaluate("window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
+    until = {"x": 0, "y": 0, "width": width, "height": box(page, "#maps")["bottom"] + 16}  # the examples left out
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"page-{size}.png"), full_page=True, clip=until)
+    if os.environ.get("BLIPDEMO_DOCS_SCREENSHOTS") == "1":
+        page.screenshot(path=str(DOCS / f"page-{size}.png"), full_page=True, clip=until)
+
+    # Another picture: a new chat, and the maps of the last one go with it.
+    click_example(page, 2)
+    page.wait_for_selector("#maps", state="hidden", timeout=10_000)
+    assert shown(page, ENTRY + EXPLORER) == []
     page.close()
 
 
@@ -228,7 +324,7 @@ def test_stop_or_a_closed_tab_frees_the_model_within_a_second(served, browser, m
     page = open_app(browser, address)
     click_example(page, 0)
     page.locator("#decoding").get_by_text("Decoding").click()
-    _set_slider(page, "min-new-tokens", 64)
+    set_slider(page, "min-new-tokens", 64)
     page.locator("#send").click()
     wait_for_generation(30)
     time.sleep(2)
@@ -242,7 +338,7 @@ def test_stop_or_a_closed_tab_frees_the_model_within_a_second(served, browser, m
     if how == "a closed tab":
         return
     monkeypatch.setattr(vlm.language_model, "forward", real_forward)
-    _set_slider(page, "min-new-tokens", 1)
+    set_slider(page, "min-new-tokens", 1)
     example = examples()[2]
     click_example(page, 2)
     page.locator("#send").click()
@@ -302,16 +398,18 @@ def test_maps_explorer_click_the_picture_and_read_the_words(served, browser):
     click_example(page, 0)
     page.locator("#send").click()
     assert read_answer(page, example["answer"]) == example["answer"]
+    page.wait_for_selector("#words label", timeout=30_000)
+    open_maps(page)
     page.wait_for_function("document.querySelectorAll('#queries img').length > 0", timeout=30_000)
+    assert not page.locator("#region-words").is_visible(), "no words under a click before a click"
     assert (
         page.locator("#queries img").count()
         == app_module.blipdemo.load(app_module.EMBEDDED_MODEL).config.num_query_tokens
     )
     heat = page.locator("#heatmap img")
     for obj in scene.objects:
-        box = heat.bounding_box()
-        x0, y0, x1, y1 = obj.box  # on the 224-px canvas; the picture is shown scaled
-        heat.click(position={"x": (x0 + x1) / 2 * box["width"] / 224, "y": (y0 + y1) / 2 * box["height"] / 224})
+        x0, y0, x1, y1 = obj.box  # on the 224-px canvas; the map is painted at that size (shown scaled)
+        click_picture(page, "#heatmap img", (x0 + x1) / 2, (y0 + y1) / 2)
         page.wait_for_function("document.querySelectorAll('#region-words .score-token').length > 0", timeout=20_000)
         time.sleep(0.5)
         colors = {w: s for w, s in _highlighted(page) if w in scenes.COLORS}

@@ -1,5 +1,10 @@
 """The page: its layout, and which handler each control's event runs (``chat.Chat``, ``maps.MapsPanel``).
 
+The chat comes first: the picture, then the chat and the instruction box (beside the picture on a wide screen, right
+under it on a phone). Maps show only once an answer has some: its words under the chat, and the explorer (the map,
+the words under a click, the query gallery, the map settings) as a section of its own below, opened by a word or
+"Show maps". The examples come last.
+
 One model, one concurrency group: every event that runs the model shares it (``concurrency_limit`` at once); the
 checks run in a group of their own beside it, so a bad request is told at once. The queue is bounded and the REST
 API goes through it.

@@ -192,19 +192,19 @@ class MapsPanel:
         return await anyio.to_thread.run_sync(paint_all)
 
     @staticmethod
-    def toggle(show: bool, shown: Shown | None):
+    def toggle(show: bool, shown: Shown | None) -> tuple:
         """Turning maps off hides them (the entry and the explorer); turning them on shows the last answer's word
         chips again (if any), the explorer staying closed until they are clicked."""
         closed = (gr.update(visible=False), SHOW_MAPS)
         return gr.update(visible=bool(show and shown is not None)), *(closed if not show else (gr.skip(), gr.skip()))
 
     @staticmethod
-    def open_explorer():
+    def open_explorer() -> tuple:
         """A word chip was clicked: the explorer opens (its map follows from ``show_word``)."""
         return gr.update(visible=True), HIDE_MAPS
 
     @staticmethod
-    def toggle_explorer(label: str):
+    def toggle_explorer(label: str) -> tuple:
         """The "Show maps" / "Hide maps" button: opens or closes the explorer (``label``: what the button read)."""
         opening = label != HIDE_MAPS
         return gr.update(visible=opening), HIDE_MAPS if opening else SHOW_MAPS
