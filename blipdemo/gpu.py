@@ -89,6 +89,7 @@ DEFAULT_COSTS = Costs(start=2.0, per_token=0.05, per_beam_token=0.01, maps_per_t
 LEASE_MARGIN = 1.5  # the measured costs times this, plus LEASE_FLOOR: a busy GPU or a long prompt still fits
 LEASE_FLOOR = 5  # seconds, on top of every lease (the worker's own start)
 REMAP_SECONDS = 20  # one teacher-forced pass and, for relevancy, its backward passes: a small fixed lease
+CALIBRATE_SECONDS = 60  # the start-up measurement: a few short answers and their maps
 
 _costs: dict[str, Costs] = {}  # model key → its measured costs (``calibrate``)
 
@@ -138,15 +139,15 @@ def _user_errors(out_of_memory: str) -> Iterator[None]:
         raise UserError(out_of_memory) from e
 
 
-try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
+try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs (elsewhere: no effect)
     import spaces
 
-    def on_gpu(duration):
+    def _gpu(duration):
         return spaces.GPU(duration=duration)
 
-except ImportError:  # anywhere else: nothing special
+except ImportError:  # no `spaces` package: nothing special
 
-    def on_gpu(duration):
+    def _gpu(duration):
         return lambda fn: fn
 
 
@@ -157,78 +158,101 @@ def answer(model: str, question: Question, run: str | None = None) -> Iterator[t
     then, when the question asks for maps and the answer is not empty, ``("maps", its Explanation)`` without the
     picture (the caller has it). ``run``: the run id whose switch (``switch``) stops it. An instruction too long for
     the model or an out-of-memory error is a ``UserError`` with a message for the user, raised here, in the caller's
-    process (``_answer`` sends it back as an item).
+    process (``on_gpu`` sends it back as an item).
     """
-    with closing(_answer(model, question, run)) as items:  # closing this generator closes the GPU's
+    error = None
+    with closing(on_gpu(model, "answer", (question,), run)) as items:  # closing this generator closes the GPU's
         for kind, value in items:
-            if kind == "error":
-                raise value
+            if kind == "error":  # the last item: read on to the end, so the GPU's generator ends, not closed
+                error = value
+                continue
             yield kind, value
+    if error is not None:
+        raise error
 
 
 def remap(model: str, question: Question, ids: list[int], run: str | None = None) -> Explanation | None:
     """The maps of an answer already given (its token ``ids``) as ``question.maps`` now says (another method,
     layers or heads): one teacher-forced pass (relevancy: and its backward passes), no generation; the image tokens
     come from the cache. None when the run's switch ended it. Errors as in ``answer``."""
-    result = _remap(model, question, ids, run)
-    if isinstance(result, UserError):
-        raise result
-    return result
+    return _one(on_gpu(model, "remap", (question, ids), run))
 
 
-# On ZeroGPU a user's error comes back from the worker as a value: the `spaces` package keeps a worker for the next
-# call only when its call ended without raising; otherwise the next call forks a new one, and the old one waits,
-# idle, for good (tests/test_zerogpu.py).
+def calibrate(model: str, tokens: int = 16) -> Costs:
+    """Measure what calls cost on the model in use, once at start-up (the leases ``answer_seconds`` asks for follow):
+    a question's start, greedy and 3-beam answers of ``tokens`` tokens, and their maps; on ZeroGPU in the worker that
+    serves the answers, as a real call runs."""
+    return _one(on_gpu(model, "calibrate", (tokens,)))
 
 
-@on_gpu(answer_seconds)
-def _answer(model: str, question: Question, run: str | None = None) -> Iterator[tuple[str, object]]:
-    """``answer``'s items, computed where ZeroGPU runs the call; a ``UserError`` as a last item ``("error", it)``."""
+def _one(items: Iterator[tuple[str, object]]):
+    """The value of a task that gives one (its ``UserError`` raised here)."""
+    (kind, value), *_ = list(items)
+    if kind == "error":
+        raise value
+    return value
+
+
+def lease_seconds(model: str, task: str, args: tuple, run: str | None = None) -> int:
+    """``on_gpu``'s lease (ZeroGPU's duration, called with the call's own arguments): by task."""
+    if task == "answer":
+        return answer_seconds(model, *args)
+    return REMAP_SECONDS if task == "remap" else CALIBRATE_SECONDS
+
+
+# One decorated entry point for every task: the `spaces` package keeps a worker per decorated function (and per GPU)
+# and reuses it; one function means one worker, one copy of the weights on the GPU, for answers, remaps and the
+# start-up calibration alike. A user's error comes back as an item, not raised: the package keeps a worker for the
+# next call only when its call ended without raising (otherwise the next call forks a new one, and the old one
+# waits, idle, for good; tests/test_zerogpu.py).
+@_gpu(lease_seconds)
+def on_gpu(model: str, task: str, args: tuple, run: str | None = None) -> Iterator[tuple[str, object]]:
+    """Run ``task`` ("answer", "remap" or "calibrate") with ``args`` where the GPU is, yielding plain data; a
+    ``UserError`` as a last item ``("error", it)``."""
     vlm = _in_this_process(model)
     stop = _switch(run)
-    text = ""
-    oom = "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
     try:
-        with _user_errors(oom):
-            generation = vlm.start(question, stop_event=stop, heartbeat=HEARTBEAT)
-            for piece in generation:
-                text += piece
-                yield "text", text
-            ids = generation.ids
-            yield "ids", ids.tolist()
-            if question.maps is not None and text.strip() and not stop.is_set():
-                try:
-                    explanation = vlm.explain_prepared(generation.inputs, ids, text.strip(), stop=stop)
-                except Stopped:
-                    return
-                yield "maps", replace(explanation, image=None)
+        if task == "answer":
+            yield from _answer(vlm, *args, stop)
+        elif task == "remap":
+            yield "maps", _remap(vlm, *args, stop)
+        elif task == "calibrate":
+            yield "costs", _measure(vlm, *args)
+        else:
+            raise ValueError(f"no GPU task {task!r}")
     except UserError as e:
         yield "error", e
 
 
-@on_gpu(remap_seconds)
-def _remap(model: str, question: Question, ids: list[int], run: str | None = None) -> Explanation | UserError | None:
-    """``remap``'s result, computed where ZeroGPU runs the call; a ``UserError`` returned, not raised."""
-    vlm = _in_this_process(model)
-    stop = _switch(run)
-    try:
-        with _user_errors("The model ran out of memory making these maps. Try the attention method."):
-            inputs = vlm.prepare(question)
+def _answer(vlm, question: Question, stop: threading.Event) -> Iterator[tuple[str, object]]:
+    text = ""
+    oom = "The model ran out of memory on this request. Try a smaller image, fewer beams or fewer new tokens."
+    with _user_errors(oom):
+        generation = vlm.start(question, stop_event=stop, heartbeat=HEARTBEAT)
+        for piece in generation:
+            text += piece
+            yield "text", text
+        ids = generation.ids
+        yield "ids", ids.tolist()
+        if question.maps is not None and text.strip() and not stop.is_set():
             try:
-                explanation = vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), stop=stop)
+                explanation = vlm.explain_prepared(generation.inputs, ids, text.strip(), stop=stop)
             except Stopped:
-                return None
-            return replace(explanation, image=None)
-    except UserError as e:
-        return e
+                return
+            yield "maps", replace(explanation, image=None)
 
 
-@on_gpu(lambda model, *args, **kwargs: 60)
-def calibrate(model: str, tokens: int = 16) -> Costs:
-    """Measure what calls cost on the model in use, once at start-up (the leases ``answer_seconds`` asks for follow):
-    a question's start, greedy and 3-beam answers of ``tokens`` tokens, and their maps; on ZeroGPU in a worker, as a
-    real call runs. Returns the costs and keeps them for ``answer_seconds`` (in the calling process)."""
-    vlm = _in_this_process(model)
+def _remap(vlm, question: Question, ids: list[int], stop: threading.Event) -> Explanation | None:
+    with _user_errors("The model ran out of memory making these maps. Try the attention method."):
+        inputs = vlm.prepare(question)
+        try:
+            explanation = vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), stop=stop)
+        except Stopped:
+            return None
+        return replace(explanation, image=None)
+
+
+def _measure(vlm, tokens: int) -> Costs:
     side = vlm.config.vision_config.image_size
     picture = Image.new("RGB", (side, side), (128, 128, 128))
     fixed = {"max_new_tokens": tokens, "min_new_tokens": tokens}
@@ -249,10 +273,9 @@ def calibrate(model: str, tokens: int = 16) -> Costs:
     began = time.perf_counter()
     vlm.explain_prepared(inputs, ids)
     maps = time.perf_counter() - began
-    per_token = max(greedy - start, 0.0) / max(tokens - 1, 1)
     return Costs(
         start=start,
-        per_token=per_token,
+        per_token=max(greedy - start, 0.0) / max(tokens - 1, 1),
         per_beam_token=max(beams - greedy, 0.0) / (2 * tokens),
         maps_per_token=maps / max(len(ids), 1),
     )

@@ -63,7 +63,8 @@ def test_more_tokens_beams_or_maps_ask_for_more_but_never_past_the_time_limit(se
 def test_a_remap_asks_for_a_small_fixed_lease(served):
     vlm, key = served
     question = vlm.question(_picture(), "Describe the image.", maps={"method": "relevancy"})
-    assert gpu.remap_seconds(key, question, [1, 2, 3], "run") == gpu.REMAP_SECONDS <= 30
+    assert gpu.lease_seconds(key, "remap", (question, [1, 2, 3]), "run") == gpu.REMAP_SECONDS <= 30
+    assert gpu.lease_seconds(key, "answer", (question,), "run") == gpu.answer_seconds(key, question)
 
 
 def test_calibration_measures_the_model_in_use():
