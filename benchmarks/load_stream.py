@@ -94,22 +94,25 @@ def one_turn(client: Client, image: Path, question: str, timeout: float) -> dict
     first = maps_at = None
     answer, heat = "", None
     job = client.submit(handle_file(str(image)), question, [], True, True, *DECODING, *MAP_SETTINGS, api_name="/chat")
-    for outputs in job:  # chat, instruction, heat-map, words, query gallery, region (states and the panel are not sent)
-        chat = outputs[0]
-        if first is None and _answer_text(chat):
-            first = time.perf_counter() - start
-        answer = _answer_text(chat) or answer
-        if outputs[2] and isinstance(outputs[2], str):  # the heat-map's file: the maps came
-            heat, maps_at = outputs[2], time.perf_counter() - start
+    seen = 0
+    while True:  # polled, not iterated: a turn whose stream never ends must still end here, at the timeout
+        done = job.done()
+        outputs = job.outputs()
+        # chat, instruction, heat-map, words, query gallery, region (the states and the panel are not sent)
+        for output in outputs[seen:]:
+            if first is None and _answer_text(output[0]):
+                first = time.perf_counter() - start
+            answer = _answer_text(output[0]) or answer
+            if output[2] and isinstance(output[2], str):  # the heat-map's file: the maps came
+                heat, maps_at = output[2], time.perf_counter() - start
+        seen = len(outputs)
+        if done:
+            job.result()  # raises what the call raised
+            break
         if time.perf_counter() - start > timeout:
             job.cancel()
-            raise TimeoutError(f"no answer in {timeout} s")
-    outputs = job.outputs()
-    if outputs:
-        final = outputs[-1]
-        answer = _answer_text(final[0]) or answer
-        if final[2] and isinstance(final[2], str):
-            heat, maps_at = final[2], maps_at or time.perf_counter() - start
+            raise TimeoutError(f"no whole answer in {timeout:g} s")
+        time.sleep(0.01)
     return {"answer": answer.strip(), "heat": heat, "first": first, "maps_at": maps_at}
 
 

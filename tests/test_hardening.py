@@ -266,6 +266,9 @@ def test_thirty_clients_against_a_queue_of_sixteen(app, files):
     assert grown < 200, f"memory grew by {grown:.0f} MiB"
 
 
+MAP_DEFAULTS = ["Attention", "All (mean)", "All (mean)", "All (mean)", "All (mean)"]  # method, each hop's layer, head
+
+
 def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
     """Two chat sessions at once, different images: each sees its own answer and its own map."""
     vlm, url = app
@@ -273,8 +276,9 @@ def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
 
     def chat(name):
         client = Client(url, verbose=False)
-        # image, instruction, chat, show maps, template, options (map settings: defaults) → chat, instruction, heat, …
-        outputs = client.predict(handle_file(str(files[name])), QUESTION, [], True, True, *options, api_name="/chat")
+        # image, instruction, chat, show maps, template, options, map settings → chat, instruction, heat, …
+        picture = handle_file(str(files[name]))
+        outputs = client.predict(picture, QUESTION, [], True, True, *options, *MAP_DEFAULTS, api_name="/chat")
         chat_out, heat = outputs[0], outputs[2]
         content = chat_out[-1]["content"]  # Gradio returns message content as [{"type": "text", "text": …}]
         text = "".join(part["text"] for part in content) if isinstance(content, list) else content

@@ -2,7 +2,7 @@
 
 - ``Chat.ask`` is the edge: the page's controls (or an API call's parameters) → one checked ``Question``, made in a
   worker thread (the image is decoded there, once) with ``Service.question``; every error a user can cause becomes a
-  ``gr.Error`` with its message here, before anything waits for the model.
+  ``UserError`` (a ``gr.Error``) with its message here, before anything waits for the model.
 - The page checks in a step of its own (``check``, in a concurrency group beside the model's), which hands the
   question to the generating step (``respond``) through a ``gr.State``: a bad request shows its message alone, as a
   toast, at once, instead of waiting for the model and painting an "Error" badge into the chat and the instruction
@@ -22,6 +22,7 @@ import gradio as gr
 
 from ..control import Generations
 from ..decoding import INSTRUCTBLIP_DEFAULTS
+from ..errors import UserError
 from ..images import ImageError
 from ..question import Question
 from .maps import MapsPanel, Shown
@@ -76,7 +77,7 @@ def parse_earlier_turns(text: str | None) -> list[tuple[str, str]]:
 
 def _escaped(error: gr.Error) -> gr.Error:
     """A toast renders HTML, and our messages may quote a file's name."""
-    return gr.Error(html.escape(error.message))
+    return UserError(html.escape(error.message))
 
 
 class Chat:
@@ -99,18 +100,18 @@ class Chat:
         decoding: Sequence,
         maps: Sequence | None = None,
     ) -> Question:
-        """The controls' values → a checked ``Question``, or a ``gr.Error`` with a message for the user.
+        """The controls' values → a checked ``Question``, or a ``UserError`` with a message for the user.
 
         ``chat``: the conversation so far (messages), whose finished turns (as many as ``history_turns``) come before
         the question; ``decoding``: the decoding controls' values (``decoding_fields``); ``maps``: the map settings'
         values (``MapsPanel.selection``) when maps are on, else None. Decodes the image: call it in a worker thread.
         """
         if image is None:
-            raise gr.Error("Upload an image first (or pick an example below).")
+            raise UserError("Upload an image first (or pick an example below).")
         if not isinstance(instruction, str) or not instruction.strip():
-            raise gr.Error("Type a question or an instruction about the image.")
+            raise UserError("Type a question or an instruction about the image.")
         if len(instruction) > MAX_INSTRUCTION_CHARS:
-            raise gr.Error(
+            raise UserError(
                 f"The instruction is too long ({len(instruction):,} characters; at most {MAX_INSTRUCTION_CHARS:,})."
             )
         history = turns_of(chat)
@@ -122,7 +123,7 @@ class Chat:
                 image, instruction, history=history, template=template, maps=selection, **decoding_fields(*decoding)
             )
         except (ImageError, ValueError, TypeError) as e:
-            raise gr.Error(str(e)) from e
+            raise UserError(str(e)) from e
 
     async def check(self, image, instruction, chat, show_maps, template, *controls) -> Question:
         """The chat's first step: the question, checked (a bad request stops here, with its message alone)."""
@@ -138,7 +139,7 @@ class Chat:
         chat = list(chat or [])
         turns = turns_of(chat)
         if not turns:
-            raise gr.Error("There is no answer to regenerate yet.")
+            raise UserError("There is no answer to regenerate yet.")
         return await self.check(image, turns[-1][0], chat[:-2], show_maps, template, *controls)
 
     # ----------------------------------------------------------------------------------------------
