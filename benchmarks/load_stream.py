@@ -35,9 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 from served import serve  # noqa: E402
+from speed import describe_machine, machine  # noqa: E402
 
 from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS  # noqa: E402
 from blipdemo.tiny import EMBEDDED_MODEL, scenes  # noqa: E402
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     large = args.clients // 2 if args.large is None else args.large
+    print(describe_machine(machine("cpu", torch.float32, (1024,))))
     with tempfile.TemporaryDirectory(prefix="blipdemo-stream-") as folder:
         work = pictures(args.clients, large, args.megapixels, Path(folder), args.seed)
         return run(args, work)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -38,10 +37,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
+import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from hazards import REFUSED  # noqa: E402
 from hazards import build as build_hazards  # noqa: E402
 from served import free_port  # noqa: E402
+from speed import describe_machine, machine  # noqa: E402
 
 import blipdemo  # noqa: E402
 from blipdemo.tiny import EMBEDDED_MODEL, scenes  # noqa: E402
@@ -58,13 +59,6 @@ HOSTILE_VALUES = {  # /ask parameters → what the message must say
     "max_new_tokens=-1": ({"max_new_tokens": -1}, "max_new_tokens must be"),
 }
 LONG_INSTRUCTION = "Describe the image. " * 300  # over the app's 4,000 characters
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {isa}"
 
 
 def start_server(port: int, batch: int, log: Path) -> subprocess.Popen:
@@ -174,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=5000)
     parser.add_argument("--limit", type=float, default=3 * 3600, help="seconds at most, then the soak stops")
     args = parser.parse_args(argv)
-    print(f"machine: {machine()}; python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(describe_machine(machine("cpu", torch.float32, (1024,))))
     with tempfile.TemporaryDirectory(prefix="blipdemo-soak-") as folder:
         return soak(args, Path(folder))
 

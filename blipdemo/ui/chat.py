@@ -147,17 +147,19 @@ class Chat:
     async def respond(self, question: Question | None, chat, request: gr.Request = None):
         """Append the turn, stream the answer into it, then (when the question asks for them) its attention maps.
 
-        Nothing here raises: a failure gives the turn back, as it was typed, and shows its message."""
+        Nothing here raises: a failure gives the turn back, as it was typed, and shows its message. The outputs: the
+        chat, the instruction box, the maps panel's (``MapsPanel.outputs``), and last the checked question's State,
+        emptied at the first update: the question (its picture among it) is not kept in the session once taken."""
         if question is None:  # the check did not pass (its message is shown)
             return
         chat = list(chat or [])
         asked = {"role": "user", "content": question.instruction}
-        unchanged = (gr.skip(),) * len(self.panel.outputs)
+        unchanged = (gr.skip(),) * (len(self.panel.outputs) + 1)
         session = getattr(request, "session_hash", None)
         ids = None
         try:
             turn = [*chat, asked, {"role": "assistant", "content": ""}]
-            yield turn, "", *unchanged
+            yield turn, "", *unchanged[1:], None
             async for kind, value in self.generations.answers(session, question):
                 if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
                     turn = [*chat, asked, {"role": "assistant", "content": value}]
@@ -165,7 +167,7 @@ class Chat:
                 elif kind == "ids":
                     ids = value
                 else:  # the maps: painted in a worker thread, at the size the page shows them
-                    yield turn, "", *(await self.panel.show(Shown.of(question, ids, value)))
+                    yield turn, "", *(await self.panel.show(Shown.of(question, ids, value))), gr.skip()
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
             yield chat, question.instruction, *unchanged
@@ -208,7 +210,7 @@ class Chat:
             question = await self.check(image, instruction, chat, show_maps, template, *controls)
         except gr.Error as e:
             gr.Warning(e.message, title="Could not answer")
-            yield chat, instruction, *(gr.skip(),) * len(self.panel.outputs)
+            yield chat, instruction, *(gr.skip(),) * (len(self.panel.outputs) + 1)
             return
         async for update in self.respond(question, chat, request=request):
             yield update

@@ -277,7 +277,8 @@ class Demo:
                 [beams, length, top_p, temperature],
                 **private,
             )
-            reply = [chat, instruction, explanation, entry, heat, words, queries, region]  # maps.MapsPanel.outputs
+            # chat.Chat.respond's outputs: the chat, the box, maps.MapsPanel.outputs, the checked question (emptied)
+            reply = [chat, instruction, explanation, entry, heat, words, queries, region, asked]
             # Each question is checked first (a toast at once if it is bad), then answered from the checked value.
             settings_inputs = [show_maps, template, *options, *settings]
             steps = [
