@@ -121,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "least twice --max-batch-size]",
     )
     p.add_argument(
+        "--session-capacity",
+        type=int,
+        default=int(_env("SESSION_CAPACITY", 256)),
+        help="visitors' sessions kept in memory (each holds its last answer's maps and picture, and Gradio keeps a "
+        "closed one for an hour): the oldest go beyond this [BLIPDEMO_SESSION_CAPACITY; default 256]",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         default=float(_env("TIME_LIMIT", 120)),
@@ -204,6 +211,7 @@ def launch_options(args: argparse.Namespace) -> dict:
         server_port=args.port,
         share=args.share,
         max_file_size=args.max_file_size,
+        state_session_capacity=args.session_capacity,
         allowed_paths=[str(ASSETS)],
         enable_monitoring=False,
         show_error=True,
