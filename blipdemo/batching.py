@@ -347,7 +347,7 @@ class Scheduler:
         self.batches = 0  # batches run so far, the rows they held, and the regroups (tests and benchmarks read these)
         self.rows = 0
         self.regroups = 0
-        _fresh_after_fork(self)
+        after_fork_in_child(self, Scheduler._after_fork)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's thread did not come along, and its lock may have been held at the fork."""
@@ -448,12 +448,13 @@ class Scheduler:
             raise
 
 
-def _fresh_after_fork(scheduler: Scheduler) -> None:
-    """Give ``scheduler`` a fresh lock and queue in every forked child (held weakly: no scheduler is kept alive)."""
-    ref = weakref.ref(scheduler)
+def after_fork_in_child(owner, reset: Callable[[object], None]) -> None:
+    """Call ``reset(owner)`` in every forked child (a ZeroGPU worker), where a lock another thread held at the fork
+    would stay held for good; ``owner`` is held weakly, so nothing is kept alive for it."""
+    ref = weakref.ref(owner)
 
-    def reset() -> None:
+    def in_child() -> None:
         if (alive := ref()) is not None:
-            alive._after_fork()
+            reset(alive)
 
-    os.register_at_fork(after_in_child=reset)
+    os.register_at_fork(after_in_child=in_child)

@@ -94,11 +94,11 @@ CALIBRATE_SECONDS = 60  # the start-up measurement: a few short answers and thei
 _costs: dict[str, Costs] = {}  # model key → its measured costs (``calibrate``)
 
 
-def answer_seconds(model: str, question: Question, run: str | None = None) -> int:
-    """How long ZeroGPU should hold a GPU for one ``answer`` call (``spaces.GPU``'s duration, called with the call's
-    own arguments): the question's room for new tokens at the measured per-token cost (more for beams), its maps,
-    a margin — never more than the generation's time limit. ZeroGPU refuses a call that asks for more seconds than
-    the visitor has left, and schedules shorter ones first: ask for what the call needs."""
+def answer_seconds(model: str, question: Question) -> int:
+    """How long ZeroGPU should hold a GPU for one answer (through ``lease_seconds``, ``spaces.GPU``'s duration): the
+    question's room for new tokens at the measured per-token cost (more for beams), its maps, a margin — never more
+    than the generation's time limit. ZeroGPU refuses a call that asks for more seconds than the visitor has left,
+    and schedules shorter ones first: ask for what the call needs."""
     vlm = _models.get(model)
     costs = _costs.get(model, DEFAULT_COSTS)
     options = question.decoding.resolved(vlm.language_model.generation_config) if vlm is not None else {}
@@ -109,11 +109,6 @@ def answer_seconds(model: str, question: Question, run: str | None = None) -> in
         seconds += tokens * costs.maps_per_token
     limit = getattr(vlm, "generation_time_limit", None) or DEFAULT_TIME_LIMIT
     return int(min(math.ceil(LEASE_MARGIN * seconds) + LEASE_FLOOR, limit))
-
-
-def remap_seconds(model: str, *args, **kwargs) -> int:
-    """How long ZeroGPU should hold a GPU for one ``remap`` call: a small fixed lease."""
-    return REMAP_SECONDS
 
 
 def _in_this_process(model: str):
@@ -196,7 +191,7 @@ def _one(items: Iterator[tuple[str, object]]):
 def lease_seconds(model: str, task: str, args: tuple, run: str | None = None) -> int:
     """``on_gpu``'s lease (ZeroGPU's duration, called with the call's own arguments): by task."""
     if task == "answer":
-        return answer_seconds(model, *args)
+        return answer_seconds(model, args[0])
     return REMAP_SECONDS if task == "remap" else CALIBRATE_SECONDS
 
 

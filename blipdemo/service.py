@@ -14,10 +14,8 @@ record weights in their own thread (``lm_attention``) without switching the LM's
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -26,9 +24,10 @@ from transformers import TextIteratorStreamer
 
 from . import lm_attention
 from .attention import Explanation, MapSelection, explain_selections, map_selection
-from .batching import PreparedInputs, Request, Scheduler, SchedulerError, run_batch
+from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
+from .images import load_image
 from .model import VisionLanguageModel
 from .prompts import check_template, fit_history, normalize_history
 from .question import Picture, Question
@@ -109,17 +108,6 @@ class Answer:
             raise request.error
 
 
-def _fresh_lock_after_fork(service: Service) -> None:
-    """A forked child (a ZeroGPU worker) gets a fresh image-cache lock: another thread may have held it at the fork."""
-    ref = weakref.ref(service)
-
-    def reset() -> None:
-        if (alive := ref()) is not None:
-            alive._cache_lock = threading.Lock()
-
-    os.register_at_fork(after_in_child=reset)
-
-
 class Service:
     """An InstructBLIP or BLIP-2 model served: build it with ``blipdemo.load``."""
 
@@ -145,7 +133,7 @@ class Service:
         self.vision_calls = 0  # how often the ViT really ran (the cache's effect is visible in tests)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
-        _fresh_lock_after_fork(self)
+        after_fork_in_child(self, Service._fresh_cache_lock)
         self.max_batch_size = max_batch_size
         self.scheduler = None
         if max_batch_size > 1:
@@ -190,7 +178,7 @@ class Service:
     # Images
     def preprocess(self, image) -> torch.Tensor:
         """Any accepted image input → ``pixel_values`` (1, 3, H, W) float32, by the checkpoint's processor."""
-        return self._pixels(Picture.of(image).image)
+        return self._pixels(load_image(image))  # no Picture: its content key would be work for nothing here
 
     def _pixels(self, pil) -> torch.Tensor:
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
@@ -225,6 +213,10 @@ class Service:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return torch.cat([found[picture.key] for picture in pictures])
+
+    def _fresh_cache_lock(self) -> None:
+        """In a forked child: another thread may have held the image cache's lock at the fork."""
+        self._cache_lock = threading.Lock()
 
     def clear_cache(self) -> None:
         """Forget all cached image tokens."""

@@ -360,7 +360,6 @@ def test_reference_alone_matches_transformers_sanity(checkpoint_dir, images):
     assert torch.is_tensor(vlm.generate_ids(images[1], PROMPTS[1], max_new_tokens=2, **GREEDY))
 
 
-
 def test_a_stopped_request_leaves_the_queue_at_once(batched, images, monkeypatch):
     """A request stopped while it waits for a busy model ends at once: its reader is free (not held until the
     running batch ends) and the request leaves the queue."""

@@ -330,5 +330,3 @@ def test_a_reader_that_pulls_late_gets_the_whole_answer(vlm, images, monkeypatch
     assert texts[-1] == vlm.ask(path, PROMPT, **options)
     assert [kind for kind, _ in items[-2:]] == ["ids", "maps"] and items[-1][1].text == texts[-1]
     assert not timers
-
-

@@ -1,7 +1,7 @@
 """The app as a ZeroGPU Space runs it: under Hugging Face's own `spaces` package (requirements-dev.txt) in its ZeroGPU
 mode, served by `python tests/zerogpu_app.py`.
 
-What runs is the package's code: ``spaces.GPU`` asks the device API for a lease of ``gpu.answer_seconds(...)`` (or
+What runs is the package's code: ``spaces.GPU`` asks the device API for a lease of ``gpu.answer_seconds(...)`` (through
 ``lease_seconds``) seconds — the duration callable, called with the call's own arguments — then runs the call in a
 worker process forked once per decorated function and GPU and *kept* for the next call; the arguments are pickled
 into it and each result out; closing a generator sets the worker's stop event, and the caller waits for one more item
