@@ -18,6 +18,8 @@ from .decoding import DecodingOptions
 from .images import load_image
 
 if TYPE_CHECKING:
+    import torch
+
     from .attention import MapSelection
 
 
@@ -33,10 +35,14 @@ def content_key(image: Image.Image) -> str:
 class Picture:
     """An image decoded once: the upright RGB picture as the user gave it (full size) and its content key.
 
-    Equal pictures are those with equal keys; it pickles (PIL images do), so it crosses a ZeroGPU fork as it is."""
+    Equal pictures are those with equal keys; it pickles (PIL images do), so it crosses a ZeroGPU fork as it is.
+    A picture kept for later (``Service.kept``: a remap of an answer shown in a visitor's session) holds a reduced
+    copy as ``image`` and the model's input made from the full picture as ``pixel_values`` (1, 3, H, W), so the
+    image tokens made from it are still exactly the full picture's."""
 
     image: Image.Image = field(compare=False, repr=False)
     key: str
+    pixel_values: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, value) -> Picture:

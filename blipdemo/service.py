@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
+from PIL import Image
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
@@ -183,6 +184,21 @@ class Service:
     def _pixels(self, pil) -> torch.Tensor:
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 
+    def _pixels_of(self, picture: Picture) -> torch.Tensor:
+        """(1, 3, H, W): the model's input of a picture (made from its full image, or kept from it)."""
+        return picture.pixel_values if picture.pixel_values is not None else self._pixels(picture.image)
+
+    def kept(self, picture: Picture, max_side: int) -> Picture:
+        """A light copy of ``picture`` to keep for later requests about it (a visitor's session holds its last
+        answer for an hour; a 12-megapixel photo is 36 MB): the image reduced to ``max_side`` (aspect kept) for
+        display, and the model's input made now from the full image, so that the image tokens made from the copy
+        equal the full picture's (cached or not by then)."""
+        if max(picture.size) <= max_side:
+            return picture
+        small = picture.image.copy()
+        small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return Picture(small, picture.key, self._pixels_of(picture))
+
     def cached(self, picture: Picture) -> bool:
         """Whether the picture's image tokens are in the cache now."""
         with self._cache_lock:
@@ -202,7 +218,7 @@ class Service:
         for item, picture in zip(inputs, pictures, strict=True):
             if picture.key not in found and picture.key not in missing:
                 pixels = None if isinstance(item, Picture) else item.pixel_values
-                missing[picture.key] = pixels if pixels is not None else self._pixels(picture.image)
+                missing[picture.key] = pixels if pixels is not None else self._pixels_of(picture)
         if missing:
             with torch.inference_mode():
                 self.vision_calls += 1
@@ -316,7 +332,7 @@ class Service:
             qformer_input_ids=torch.tensor([encoded["q"]]) if self.family == "instructblip" else None,
             max_new_tokens=max_new_tokens,
             # Resizing a large photo is work for the caller's thread, not the batch's (which other rows wait on).
-            pixel_values=None if self.cached(picture) else self._pixels(picture.image),
+            pixel_values=None if self.cached(picture) else self._pixels_of(picture),
         )
 
     def _request(self, inputs: PreparedInputs, stop_event=None, streamer=None) -> Request:

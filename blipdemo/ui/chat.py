@@ -25,7 +25,7 @@ from ..decoding import INSTRUCTBLIP_DEFAULTS
 from ..errors import UserError
 from ..images import ImageError
 from ..question import Question
-from .maps import MapsPanel, Shown
+from .maps import MapsPanel
 
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
@@ -167,7 +167,7 @@ class Chat:
                 elif kind == "ids":
                     ids = value
                 else:  # the maps: painted in a worker thread, at the size the page shows them
-                    yield turn, "", *(await self.panel.show(Shown.of(question, ids, value))), gr.skip()
+                    yield turn, "", *(await self.panel.show(question, ids, value)), gr.skip()
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
             yield chat, question.instruction, *unchanged

@@ -46,8 +46,11 @@ class Shown:
     explanation: Explanation
 
     @classmethod
-    def of(cls, question: Question, ids: list[int], explanation: Explanation) -> Shown:
-        """An explanation as ``gpu`` gives it (without its picture) joined to the question's picture."""
+    def of(cls, vlm, question: Question, ids: list[int], explanation: Explanation) -> Shown:
+        """An explanation as ``gpu`` gives it (without its picture) joined to a light copy of the question's picture
+        (``Service.kept``: at the size the page shows, with the model's input for remaps). Gradio keeps a closed
+        session's values for an hour: the full upload is not among them. Some CPU work: call it in a worker thread."""
+        question = replace(question, picture=vlm.kept(question.picture, DISPLAY_SIDE))
         return cls(question, ids, replace(explanation, image=question.picture.image))
 
 
@@ -119,10 +122,11 @@ class MapsPanel:
             "lm_heads": pick(lm_head),
         }
 
-    async def show(self, shown: Shown) -> tuple:
+    async def show(self, question: Question, ids: list[int], explanation: Explanation) -> tuple:
         """A new answer's maps: the panel's outputs (see ``outputs``), painted in a worker thread."""
 
         def paint_all():
+            shown = Shown.of(self.vlm, question, ids, explanation)
             e = shown.explanation
             gallery = shown_only_with(query_gallery(e, -1))
             return shown, gr.update(visible=True), e.overlay(max_side=DISPLAY_SIDE), word_chips(e), gallery
@@ -182,9 +186,9 @@ class MapsPanel:
             return skip
         if explanation is None:  # stopped
             return skip
-        new = Shown.of(question, shown.ids, explanation)
 
         def paint_all():
+            new = Shown.of(self.vlm, question, shown.ids, explanation)
             e = new.explanation
             gallery = shown_only_with(query_gallery(e, -1))
             return new, e.overlay(max_side=DISPLAY_SIDE), word_chips(e), gallery, shown_only_with(None)
