@@ -52,13 +52,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--load-8bit",
         action="store_true",
         default=_flag("LOAD_8BIT"),
-        help="LM weights in int8 via bitsandbytes [BLIPDEMO_LOAD_8BIT=1]",
+        help="LM weights in int8: PyTorch's CPU kernels on a CPU, bitsandbytes on CUDA [BLIPDEMO_LOAD_8BIT=1]",
     )
     p.add_argument(
         "--load-4bit",
         action="store_true",
         default=_flag("LOAD_4BIT"),
-        help="LM weights in nf4 via bitsandbytes [BLIPDEMO_LOAD_4BIT=1]",
+        help="LM weights in int4: PyTorch's CPU kernels on a CPU, bitsandbytes nf4 on CUDA [BLIPDEMO_LOAD_4BIT=1]",
+    )
+    p.add_argument(
+        "--quantization",
+        default=_env("QUANTIZATION"),
+        choices=[None, "torch", "bitsandbytes"],
+        help="how --load-8bit / --load-4bit quantize: torch (CPU only) or bitsandbytes [BLIPDEMO_QUANTIZATION; "
+        "default: torch for an LM on the CPU, else bitsandbytes]",
     )
     p.add_argument(
         "--compile",
@@ -170,6 +177,7 @@ def load_model(args: argparse.Namespace):
         max_memory=parse_max_memory(args.max_memory),
         load_in_8bit=args.load_8bit,
         load_in_4bit=args.load_4bit,
+        quantization=args.quantization,
         compile=args.compile,
         max_batch_size=batch_size(args),
     )

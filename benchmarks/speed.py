@@ -356,7 +356,7 @@ def main() -> None:
     # Memory: the LM resident in the float dtype vs 8-bit (one model loaded at a time).
     memory = None
     if not args.skip_8bit:
-        ours8 = blipdemo.load(folder, dtype=dtype, device=args.device, load_in_8bit=True)
+        ours8 = blipdemo.load(folder, dtype=dtype, device=args.device, load_in_8bit=True, quantization="bitsandbytes")
         memory = (ours8.language_model.get_memory_footprint(), layers_bytes(ours8.language_model))
         del ours8
         gc.collect()

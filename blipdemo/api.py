@@ -42,14 +42,17 @@ def load(
     cache_size: int = 16,
     compile: bool = False,
     max_batch_size: int = 1,
+    quantization: str | None = None,
 ) -> Service:
     """Load an InstructBLIP / BLIP-2 checkpoint (hub id or local folder) and serve it: a ``Service`` (``ask``,
     ``stream``, ``explain``, ``embed``, the forward call) around the ``VisionLanguageModel`` (``.model``).
 
     ``dtype``: None (bfloat16 where the device supports it, else float32) | "float32" | "bfloat16" |
     "float16". ``device``: "cpu", "cuda", "cuda:1"… (None: cuda if available). ``device_map`` /
-    ``max_memory``: split the LM over several devices (accelerate). ``load_in_8bit`` / ``load_in_4bit``:
-    bitsandbytes LM weights; the vision encoder and Q-Former stay in ``dtype``. ``compile``: compile the
+    ``max_memory``: split the LM over several devices (accelerate). ``load_in_8bit`` / ``load_in_4bit``: the LM's
+    linear layers in int8 / int4 (on a CPU weight-only layers on PyTorch's own kernels, faster than float there; on
+    CUDA bitsandbytes); the vision encoder and Q-Former stay in ``dtype``. ``quantization``: None (that choice) |
+    "torch" | "bitsandbytes" (its LLM.int8 / nf4 layers, on the CPU too). ``compile``: compile the
     vision encoder with torch.compile (inductor, weights frozen and prepacked: inference only; ~40 s once at
     load, then ~1.2× faster on this CPU — see benchmarks/speed.py). ``max_batch_size``: concurrent requests (from
     threads, as the app makes them) decode together in batches of up to this many rows (1: one at a time).
@@ -66,6 +69,7 @@ def load(
         offload_folder=offload_folder,
         revision=revision,
         compile=compile,
+        quantization=quantization,
     )
     loaded.load_info["max_batch_size"] = max_batch_size
     return serve(loaded, cache_size=cache_size, max_batch_size=max_batch_size)

@@ -1,4 +1,5 @@
-"""bitsandbytes 8-bit / 4-bit LMs on CPU: LM linears are bnb layers, our modules keep the float dtype."""
+"""bitsandbytes 8-bit / 4-bit LMs on CPU, chosen with ``quantization="bitsandbytes"`` (the CPU default is PyTorch's own
+kernels: tests/test_cpu_quantization.py): LM linears are bnb layers, our modules keep the float dtype."""
 
 from __future__ import annotations
 
@@ -28,7 +29,14 @@ PROMPT = "What color is the circle?"
 def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     # bitsandbytes' CPU 4-bit kernel packs output features in blocks of 32: widths as real LMs have them.
     folder = checkpoint_dir(family, lm, lm_width=64)
-    vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_8bit=bits == 8, load_in_4bit=bits == 4)
+    vlm = blipdemo.load(
+        folder,
+        dtype="bfloat16",
+        device="cpu",
+        load_in_8bit=bits == 8,
+        load_in_4bit=bits == 4,
+        quantization="bitsandbytes",
+    )
     layer = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     quantized = [m for m in vlm.language_model.modules() if isinstance(m, layer)]
     assert quantized, "the LM's linear layers should be bitsandbytes layers"
@@ -36,6 +44,7 @@ def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     assert vlm.model.vision_model.encoder.layers[0].self_attn.qkv.weight.dtype == torch.bfloat16
     assert vlm.model.qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.bfloat16
     assert vlm.load_info["quantization"] == f"{bits}-bit"
+    assert vlm.load_info["quantization_backend"] == "bitsandbytes"
     assert vlm.load_info["unquantized"] == []  # every width fits bitsandbytes' kernels: nothing kept in float
     if bits == 4:
         kept = [n for n, m in vlm.language_model.named_modules() if type(m) is torch.nn.Linear]
@@ -78,11 +87,12 @@ def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     assert corr > 0.99, f"{bits}-bit: ours vs transformers' {bits}-bit reference, corr {corr:.4f}"
 
 
-def test_8bit_lm_memory_smaller(checkpoint_dir):
+@pytest.mark.parametrize("quantization", [None, "bitsandbytes"])
+def test_8bit_lm_memory_smaller(checkpoint_dir, quantization):
     folder = checkpoint_dir("instructblip", "llama")
     full = blipdemo.load(folder, dtype="bfloat16").language_model.get_memory_footprint()
-    int8 = blipdemo.load(folder, dtype="bfloat16", load_in_8bit=True).language_model.get_memory_footprint()
-    assert int8 < full
+    vlm = blipdemo.load(folder, dtype="bfloat16", load_in_8bit=True, quantization=quantization)
+    assert vlm.language_model.get_memory_footprint() < full
 
 
 # bitsandbytes' packed CPU 4-bit kernel (used on AVX512-BF16 CPUs) runs a layer only when out_features % 32 == 0
@@ -134,7 +144,7 @@ def test_4bit_cpu_keeps_the_layers_the_kernel_cannot_run(narrow_kv, images, capl
         reference([])(**inputs)
 
     with caplog.at_level(logging.WARNING, logger="blipdemo.loading"):
-        vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True)
+        vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True, quantization="bitsandbytes")
     assert sorted(vlm.load_info["unquantized"]) == sorted(NARROW_KV_LAYERS)
     assert all(name in caplog.text for name in NARROW_KV_LAYERS), caplog.text
     linears = _lm_linears(vlm)
@@ -168,7 +178,7 @@ def test_4bit_cpu_t5_attention_widths(tmp_path_factory, images):
     # T5 with 4 heads of 10: q/k/v are 40 wide (out) and o reads 40 (in), in the encoder's self-attention and the
     # decoder's self- and cross-attention; the feed-forward (64 → 128 → 64) fits, and "wo" stays float anyway.
     folder = make_checkpoint(tmp_path_factory.mktemp("t5-narrow"), "blip2", "t5", lm_width=64, lm_config={"d_kv": 10})
-    vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True, quantization="bitsandbytes")
     attention = [f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)]
     attention += [
         f"decoder.block.{i}.layer.{j}.{kind}"
@@ -187,7 +197,7 @@ def test_4bit_keeps_nothing_where_the_packed_kernel_is_not_used(narrow_kv, image
     # A CPU without AVX512-BF16: bitsandbytes dequantizes and takes any width, so every LM linear is 4-bit.
     monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: False)
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
-    vlm = blipdemo.load(narrow_kv, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    vlm = blipdemo.load(narrow_kv, dtype="bfloat16", device="cpu", load_in_4bit=True, quantization="bitsandbytes")
     assert vlm.load_info["unquantized"] == []
     linears = _lm_linears(vlm)
     assert all(isinstance(m, bnb.nn.Linear4bit) for n, m in linears.items() if n != "language_model.lm_head")

@@ -375,9 +375,12 @@ def test_relevancy_in_one_thread_leaves_other_threads_on_the_wrapped_function(lo
     assert abs(e.image_map.sum() - 1) < 1e-9
 
 
-def test_relevancy_with_8bit_lm(checkpoint_dir, images):
-    """bitsandbytes' 8-bit matmul passes gradients to its inputs: relevancy works on an 8-bit LM."""
-    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama", lm_width=64), dtype="bfloat16", load_in_8bit=True)
+@pytest.mark.parametrize("quantization", [None, "bitsandbytes"])
+def test_relevancy_with_8bit_lm(checkpoint_dir, images, quantization):
+    """PyTorch's int8 layers (the CPU default) and bitsandbytes' 8-bit matmul pass gradients to their inputs:
+    relevancy works on an 8-bit LM."""
+    folder = checkpoint_dir("instructblip", "llama", lm_width=64)
+    vlm = blipdemo.load(folder, dtype="bfloat16", load_in_8bit=True, quantization=quantization)
     e = vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1, method="relevancy")
     assert e.text == vlm.ask(images[1], PROMPT, max_new_tokens=4, num_beams=1)
     assert abs(e.image_map.sum() - 1) < 1e-9 and np.isfinite(e.token_maps).all()
@@ -386,8 +389,10 @@ def test_relevancy_with_8bit_lm(checkpoint_dir, images):
 
 def test_relevancy_refuses_4bit_lms_on_the_cpu(checkpoint_dir, images):
     """bitsandbytes' 4-bit CPU kernel has no backward (PyTorch only warns; every map would be flat): a clear error
-    before any model work. Raw attention maps still work there."""
-    vlm = blipdemo.load(checkpoint_dir("instructblip", "llama", lm_width=64), dtype="bfloat16", load_in_4bit=True)
+    before any model work. Raw attention maps still work there. (PyTorch's int4 layers, the CPU default, pass
+    gradients: tests/test_cpu_quantization.py.)"""
+    folder = checkpoint_dir("instructblip", "llama", lm_width=64)
+    vlm = blipdemo.load(folder, dtype="bfloat16", load_in_4bit=True, quantization="bitsandbytes")
     with pytest.raises(ValueError, match="4-bit layers on the CPU"):
         vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1, method="relevancy")
     e = vlm.explain(images[1], PROMPT, max_new_tokens=4, num_beams=1)

@@ -208,3 +208,17 @@ def test_streaming_visitors_at_once_get_every_answer_whole_with_its_maps(mode):
     assert summary, stdout
     answers, cut, differ, no_maps, failed = map(int, summary.groups())
     assert (answers, cut, differ, no_maps, failed) == (8, 0, 0, 0, 0), stdout
+
+
+def test_cpu_quantization_benchmark_tiny(tmp_path):
+    """The short version of benchmarks/cpu_quantization.py, on the embedded model (each variant in a process of its
+    own): every variant runs, its row is printed, and its answers are scored (the README's figures: the full run)."""
+    stdout = run(
+        "benchmarks/cpu_quantization.py",
+        *("--tiny", "--skip-full", "--per-family", "1", "--new-tokens", "3", "--repeats", "1"),
+        *("--workdir", str(tmp_path)),
+    )
+    assert stdout.startswith("machine: ") and "memory bandwidth" in stdout
+    for variant in ("float32", "bfloat16", "int8", "int4", "bnb 8-bit", "bnb nf4"):
+        assert re.search(rf"\n\| {variant} \| [\d.]+ \| [\d.]+× \|", stdout), variant  # its speed row
+        assert re.search(rf"\n\| {variant} \|( [\d.]+ \|){{10}} \d+/10 \|", stdout), variant  # its answers, scored

@@ -2,12 +2,15 @@
 
 The LM is read from the ``language_model.`` keys (via ``key_mapping``), so ``BitsAndBytesConfig``, ``device_map``,
 ``max_memory`` and cpu/disk offload behave exactly as transformers users expect. Its loading report is checked just
-as strictly as our modules are (and misshaped tensors are named before transformers would). With 4-bit on a CPU,
-the linear layers bitsandbytes' packed kernel cannot run are found here (``cpu_4bit_misfits``).
+as strictly as our modules are (and misshaped tensors are named before transformers would). Which quantization an
+LM gets is chosen here (``quantization_backend``: PyTorch's CPU kernels of ``cpu_quant`` for an LM on the CPU,
+bitsandbytes elsewhere); with bitsandbytes' 4-bit on a CPU, the linear layers its packed kernel cannot run are found
+here (``cpu_4bit_misfits``).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,10 @@ from safetensors import safe_open
 from transformers import BitsAndBytesConfig
 
 from .checkpoint import LM_PREFIX, CheckpointError, weight_files
+from .cpu_quant import missing_kernels
 from .devices import _as_torch_device, _lm_class
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -109,6 +115,38 @@ def cpu_4bit_misfits(config, device_map: dict) -> list[str]:
         if n_out % CPU_4BIT_BLOCK_N or n_in % CPU_4BIT_BLOCKSIZE:
             misfits.append(name)
     return misfits
+
+
+def quantization_backend(quantization: str | None, bits: int | None, device_map: dict) -> str | None:
+    """Which layers quantize the LM: "torch" (``cpu_quant``: PyTorch's CPU kernels), "bitsandbytes", or None.
+
+    ``quantization``: None — "torch" where every LM module is on the CPU (bitsandbytes' CPU layers are slower than
+    float there: README), else "bitsandbytes" (CUDA, disk offload); "torch" — refused unless the LM is wholly on
+    the CPU; "bitsandbytes" — as asked. ``device_map``: the LM's plan (names inside the LM → device). Where this
+    torch lacks the kernels, "torch" falls back to bitsandbytes with a warning.
+    """
+    if bits is None:
+        return None
+    places = {"disk" if w == "disk" else str(_as_torch_device(w)) for w in device_map.values()}
+    off_cpu = sorted(p for p in places if p != "cpu")
+    if quantization == "bitsandbytes" or (quantization is None and off_cpu):
+        return "bitsandbytes"
+    if off_cpu:
+        raise ValueError(
+            f"quantization='torch' runs on PyTorch's CPU kernels, but the device map puts language model layers on "
+            f"{', '.join(off_cpu)}: keep the LM on the CPU, or use quantization='bitsandbytes' (or None) there."
+        )
+    missing = missing_kernels(bits)
+    if missing:
+        log.warning(
+            "%d-bit on CPU: this torch (%s) lacks %s; the language model is quantized by bitsandbytes instead (slower "
+            "than float on a CPU).",
+            bits,
+            torch.__version__,
+            ", ".join(f"torch.ops.aten.{name}" for name in missing),
+        )
+        return "bitsandbytes"
+    return "torch"
 
 
 def load_language_model(

@@ -92,6 +92,8 @@ class Demo:
     def header(self) -> str:
         info = self.vlm.load_info
         quant = info.get("quantization") or "no quantization"
+        if info.get("quantization_backend"):
+            quant += " (PyTorch CPU kernels)" if info["quantization_backend"] == "torch" else " (bitsandbytes)"
         device_map = info.get("device_map")
         if device_map:
             devices = sorted({str(d) for d in device_map.values()})
