@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import blipdemo
-from blipdemo import gpu
+from blipdemo import allocator, gpu
 from blipdemo.loading import CheckpointUnavailable
 from blipdemo.tiny import EMBEDDED_MODEL
 from blipdemo.ui import CSS, Demo
@@ -230,6 +230,9 @@ def launch_options(args: argparse.Namespace) -> dict:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    # A server's C heap: few arenas, free pages handed back (allocator.py; measured by benchmarks/soak.py).
+    allocator.limit_arenas()
+    allocator.keep_trimmed()
     demo, _ = build_demo(args)
     demo.launch(**launch_options(args))
 

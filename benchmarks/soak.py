@@ -196,7 +196,7 @@ def soak(args, folder: Path) -> int:
     results: list[dict] = []
     samples: dict[str, tuple[int, float]] = {}
     lock, began = threading.Lock(), time.perf_counter()
-    marks = {max(1, round(args.requests * f)): name for f, name in ((0.1, "10%"), (0.5, "50%"), (1.0, "100%"))}
+    marks = {max(1, round(args.requests * k / 10)): f"{10 * k}%" for k in range(1, 11)}
     process = psutil.Process(server.pid)
     try:
         with ThreadPoolExecutor(args.clients) as pool:
@@ -272,7 +272,7 @@ def soak(args, folder: Path) -> int:
         f"answers equal to alone: {len(sampled) - len(changed)} of {len(sampled)} sampled; maps missing: {len(no_maps)}"
     )
     print("\n| point | server RSS | threads |\n|---|---|---|")
-    for name in ("10%", "50%", "100%"):
+    for name in (f"{10 * k}%" for k in range(1, 11)):
         if name in samples:
             rss, threads = samples[name]
             print(f"| {name} | {rss / 2**20:.0f} MiB | {threads} |")
