@@ -83,18 +83,25 @@ def display_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def reduced(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` reduced (aspect kept, ``display_size``) so that its longer side is at most ``max_side``; the image
+    itself where it is small enough already (or ``max_side`` is None)."""
+    size = display_size(image.size, max_side)
+    if size == image.size:
+        return image
+    # reducing_gap: an integer box reduce() first, then Lanczos over the last factor < 2 (thumbnail's recipe): the
+    # quality of a full Lanczos at a fraction of its cost on a large photo.
+    return image.resize(size, Image.LANCZOS, reducing_gap=2.0)
+
+
 def paint(image: Image.Image, heat: np.ndarray, max_side: int | None = None) -> Image.Image:
     """A (gh, gw) map over ``image``: colored where the map is strong (opacity follows it), the photo untouched where
     it is weak (``heat_colors``). At the image's own size, or, with ``max_side``, over a copy reduced (aspect kept)
     so that its longer side is ``max_side``: a 12-megapixel upload then costs what a display-sized one does."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    size = display_size(image.size, max_side)
-    if size != image.size:
-        # reducing_gap: an integer box reduce() first, then Lanczos over the last factor < 2 (thumbnail's recipe):
-        # the quality of a full Lanczos at a fraction of its cost on a large photo.
-        image = image.resize(size, Image.LANCZOS, reducing_gap=2.0)
-    width, height = size
+    image = reduced(image, max_side)
+    width, height = image.size
     # Smooth upsampling in the image's own aspect ratio (the processor squashed the image to a square).
     up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((width, height), Image.BICUBIC))
     peak = up.max()

@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
-from PIL import Image
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
@@ -28,6 +27,7 @@ from .attention import Explanation, MapSelection, explain_selections, map_select
 from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
+from .heatmap import reduced
 from .images import load_image
 from .model import VisionLanguageModel
 from .prompts import check_template, fit_history, normalize_history
@@ -193,10 +193,9 @@ class Service:
         answer for an hour; a 12-megapixel photo is 36 MB): the image reduced to ``max_side`` (aspect kept) for
         display, and the model's input made now from the full image, so that the image tokens made from the copy
         equal the full picture's (cached or not by then)."""
-        if max(picture.size) <= max_side:
+        small = reduced(picture.image, max_side)  # the overlay's own rule: painted at max_side, it is not resized again
+        if small is picture.image:
             return picture
-        small = picture.image.copy()
-        small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return Picture(small, picture.key, self._pixels_of(picture))
 
     def cached(self, picture: Picture) -> bool:
