@@ -1,26 +1,34 @@
-"""Batching: N concurrent requests decoded together vs the same N requests one after another, in one run.
+"""Continuous batching against its ideal schedule and against one request after another, in one run.
 
-    python benchmarks/batching.py                 # full-size checkpoint (ViT-g, Q-Former, LLaMA-7B-shaped LM cut
-                                                  # to 2 layers), bfloat16, N = 1, 2, 4, 8
-    python benchmarks/batching.py --tiny          # the same code paths at toy sizes (smoke test, not figures)
+    python benchmarks/batching.py                    # full-size ViT-g + Q-Former + LLaMA-7B-shaped LM cut to 2 layers,
+                                                     # bfloat16, N = 1, 2, 4, 8, 16, 3 repetitions
+    python benchmarks/batching.py --dtype float32    # the same in float32
+    python benchmarks/batching.py --tiny             # the same code paths at toy sizes (smoke test, not figures)
 
-Two cases, each with greedy decoding of exactly ``--tokens`` new tokens per request (min = max):
-(a) follow-ups: questions about images already seen (their image tokens cached) — decode-bound;
-(b) first questions: every request brings a new image (cache cleared) — the ViT runs too.
+Every request is a follow-up question (its picture's image tokens cached, as in a chat), greedy, exactly ``--tokens``
+new tokens (min = max). For each N and two arrival patterns — all at once, and staggered (request j arrives once
+the running batch has made j × ``--stagger`` steps) — three schedules are timed, wall clock from the first arrival
+to the last answer:
 
-"in turn" runs the N requests one after another on a model with batching off (what a queue with one generation
-at a time does); "batched" sends them from N threads at once to a model loaded with ``max_batch_size=N``. Per
-request, latency runs from the common start to its answer (in turn, that includes waiting for the ones before
-it, as in the queue). Tokens per second = N × tokens / wall time. "same text": answers equal on both sides (bfloat16
-on random weights: near-ties may differ; float32 exactness is tested in tests/test_batching.py).
-The machine and its measured matmul peak come first (speed.py's ``machine``); a paper estimate for a 24 GB GPU
-closes the report.
+- **ours**: the N requests sent from N threads to a model loaded with ``max_batch_size=N`` (the scheduler admits
+  newcomers between two steps, each prompt prefilled once);
+- **ideal**: what the same arrivals cost with no overhead at all: each request's prefill *alone* plus one decode step
+  per step at the live batch size, every step time measured on this model beforehand (the mean of several steps of
+  a batch of b rows, for every b from 1 to N; the prefill of each prompt alone). The simulation admits request j
+  after j × stagger steps, exactly as the staggered run does;
+- **in turn** (arrivals at once only): the N requests one after another on a model with batching off.
+
+Each cell is repeated ``--repeats`` times after a warm-up, alternating which of ours and in-turn goes first; the table
+shows min and median. Goals (issue "Every prompt computed once"): ours within 1.15× of ideal in every cell;
+8 concurrent follow-ups ≥ 3× faster than in turn (float32 on an AVX2 CPU) and ≥ 5× where bfloat16 is native; N = 1
+within 5% of in turn. "same": answers equal to in turn (bfloat16 on random weights: a near-tie may fall the other
+way once rows are padded; float32 exactness is tested in tests/test_batching.py).
+The machine and its matmul peak come first (speed.py's ``machine``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -38,140 +46,173 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from speed import PROMPTS, build_checkpoint, describe_machine, machine  # noqa: E402
 
 import blipdemo  # noqa: E402
+from blipdemo.decode_loop import RunningBatch  # noqa: E402
 
-GPU_24GB = {"name": "24 GB GPU (RTX 4090 / A10G class)", "bandwidth": 1.0e12, "bf16": 165e12}
 
-
-def images(n: int, seed: int) -> list[Image.Image]:
+def pictures(n: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def nearest_rank(values: list[float], q: float) -> float:
-    return sorted(values)[max(0, math.ceil(q * len(values)) - 1)]
+class Bench:
+    def __init__(self, single, batched, tokens: int, stagger: int, n_max: int) -> None:
+        self.single, self.batched, self.tokens, self.stagger = single, batched, tokens, stagger
+        self.images = pictures(n_max, seed=1)
+        self.work = [(self.images[i], PROMPTS[i % len(PROMPTS)]) for i in range(n_max)]
+        for vlm in (single, batched):  # follow-ups: every picture's image tokens are cached
+            vlm.image_tokens([vlm.question(image, PROMPTS[0]).picture for image in self.images])
+        self.options = dict(max_new_tokens=tokens, min_new_tokens=tokens, num_beams=1, do_sample=False)
 
+    # ----------------------------------------------------------------------------------------------
+    def step_times(self, n_max: int, steps: int = 6) -> tuple[dict[int, float], list[float]]:
+        """Seconds per decode step at every batch size 1..n_max, and per prompt prefilled alone (min of 3)."""
+        vlm = self.batched
 
-def run_in_turn(vlm, work: list[tuple], tokens: int) -> tuple[float, list[float], list[str]]:
-    start = time.perf_counter()
-    latencies, answers = [], []
-    for image, prompt in work:
-        answers.append(vlm.ask(image, prompt, max_new_tokens=tokens, min_new_tokens=tokens, num_beams=1))
-        latencies.append(time.perf_counter() - start)
-    return time.perf_counter() - start, latencies, answers
+        def requests(rows: list[int]):
+            return [vlm._request(vlm.prepare(vlm.question(*self.work[i], **self.options))) for i in rows]
 
+        step = {}
+        for b in range(1, n_max + 1):
+            samples = []
+            for _ in range(3):
+                batch = RunningBatch(vlm)
+                batch.admit(requests(list(range(b))))
+                start = time.perf_counter()
+                for _ in range(steps):
+                    batch.step()
+                samples.append((time.perf_counter() - start) / steps)
+                batch.fail(RuntimeError("measured"))  # drops the rows
+            step[b] = min(samples)
+        prefill = []
+        for i in range(min(len(PROMPTS), len(self.work))):  # request j asks PROMPTS[j % len(PROMPTS)]
+            samples = []
+            for _ in range(3):
+                batch = RunningBatch(vlm)
+                rows = requests([i])
+                start = time.perf_counter()
+                batch.admit(rows)
+                samples.append(time.perf_counter() - start)
+                batch.fail(RuntimeError("measured"))
+            prefill.append(min(samples))
+        return step, prefill
 
-def run_batched(vlm, work: list[tuple], tokens: int) -> tuple[float, list[float], list[str]]:
-    latencies, answers = [0.0] * len(work), [""] * len(work)
-    ready = threading.Barrier(len(work) + 1)
+    def ideal(self, n: int, stagger: int | None, step: dict[int, float], prefill: list[float]) -> float:
+        """The schedule's cost with no overhead: prefills alone + steps at the live batch size."""
+        remaining: list[int] = []  # steps left per live row (a row's first token comes from its prefill)
+        t, steps_done, j = 0.0, 0, 0
+        while j < n or remaining:
+            while j < n and (stagger is None or j * stagger <= steps_done):
+                t += prefill[j % len(prefill)]
+                remaining.append(self.tokens - 1)
+                j += 1
+            remaining = [r for r in remaining if r > 0]
+            if remaining:
+                t += step[len(remaining)]
+                steps_done += 1
+                remaining = [r - 1 for r in remaining]
+            elif j < n:
+                steps_done = j * stagger  # idle until the next arrival (not reached when stagger < tokens)
+        return t
 
-    def one(i: int) -> None:
-        image, prompt = work[i]
-        ready.wait()
-        answers[i] = vlm.ask(image, prompt, max_new_tokens=tokens, min_new_tokens=tokens, num_beams=1)
-        latencies[i] = time.perf_counter() - start
+    def in_turn(self, n: int) -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        answers = [self.single.ask(*self.work[i], **self.options) for i in range(n)]
+        return time.perf_counter() - start, answers
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(work))]
-    for t in threads:
-        t.start()
-    start = time.perf_counter()
-    ready.wait()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, latencies, answers
+    def ours(self, n: int, stagger: int | None) -> tuple[float, list[str]]:
+        vlm = self.batched
+        answers = [""] * n
+        scheduler = vlm.scheduler
 
+        def one(i: int) -> None:
+            answers[i] = vlm.ask(*self.work[i], **self.options)
 
-def measure(single, batched, n: int, tokens: int, case: str, seed: int) -> dict:
-    pictures = images(n, seed)
-    work = [(pictures[i], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
-    rows, schedule = {}, {}
-    for name, vlm, run in (("in turn", single, run_in_turn), ("batched", batched, run_batched)):
-        vlm.clear_cache()
-        if case == "follow-up":  # the pictures were seen before: their image tokens are cached
-            vlm.image_tokens([vlm.question(p, PROMPTS[0]).picture for p in pictures])
-        before = (vlm.scheduler.batches, vlm.scheduler.regroups)
-        rows[name] = run(vlm, work, tokens)
-        schedule[name] = (vlm.scheduler.batches - before[0], vlm.scheduler.regroups - before[1])
-    (wall_a, lat_a, ans_a), (wall_b, lat_b, ans_b) = rows["in turn"], rows["batched"]
-    # In float32 greedy rows equal their lone answers (tests/test_batching.py); in bfloat16 a random checkpoint's
-    # near-ties may fall the other way once rows are padded, so here the share of equal answers is reported.
-    same = sum(a == b for a, b in zip(ans_a, ans_b, strict=True))
-    return {
-        "case": case,
-        "n": n,
-        "tps_turn": n * tokens / wall_a,
-        "tps_batch": n * tokens / wall_b,
-        "p50_turn": statistics.median(lat_a),
-        "p95_turn": nearest_rank(lat_a, 0.95),
-        "p50_batch": statistics.median(lat_b),
-        "p95_batch": nearest_rank(lat_b, 0.95),
-        "same": f"{same}/{n}",
-        # How the scheduler ran the batched side: generate calls, and how many of them came from a regroup.
-        "schedule": f"{schedule['batched'][0]} ({schedule['batched'][1]})",
-    }
-
-
-def paper_estimate(config, tokens: int, sizes: list[int]) -> list[str]:
-    """Decode step time on a 24 GB GPU ≈ max(bytes read / bandwidth, FLOPs / peak): the LM's weights are read once
-    per step whatever the batch, each row adds its KV cache reads and 2 × params FLOPs per token."""
-    full_layers = 32  # Vicuna-7B: the benchmark cuts the LM to 2 layers; the estimate is for the whole model
-    params = 6.7e9
-    weights = params * 2  # bfloat16
-    kv_per_token = 2 * full_layers * 4096 * 2  # keys and values of 32 layers × 4096, bfloat16
-    context = config.num_query_tokens + 40 + tokens  # queries + a typical prompt + the answer
-    lines = [
-        f"\nPaper estimate, full Vicuna-7B in bfloat16 ({weights / 2**30:.1f} GiB of weights) on a {GPU_24GB['name']}: "
-        f"~{GPU_24GB['bandwidth'] / 1e12:.1f} TB/s, ~{GPU_24GB['bf16'] / 1e12:.0f} TFLOP/s bf16; KV cache "
-        f"{kv_per_token / 2**10:.0f} KiB per token, ~{context} tokens per row.",
-        "| rows | step (ms) | tokens/s | × one row |",
-        "|---|---|---|---|",
-    ]
-    one = None
-    for n in sizes:
-        read = weights + n * context * kv_per_token
-        step = max(read / GPU_24GB["bandwidth"], n * 2 * params / GPU_24GB["bf16"])
-        tps = n / step
-        one = one or tps
-        lines.append(f"| {n} | {1e3 * step:.1f} | {tps:.0f} | {tps / one:.2f}× |")
-    return lines
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        start = time.perf_counter()
+        if stagger is None:
+            for t in threads:
+                t.start()
+        else:
+            before = scheduler.batch  # the scheduler thread's batch (its step count runs on across runs)
+            steps0 = before.steps if before is not None else 0
+            threads[0].start()
+            while scheduler.batch is None:
+                time.sleep(0.001)
+            for j in range(1, n):  # request j once the batch has made j × stagger steps since the first arrival
+                while scheduler.batch.steps - steps0 < j * stagger and threads[j - 1].is_alive():
+                    time.sleep(0.002)
+                threads[j].start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start, answers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1,2,4,8")
+    parser.add_argument("--sizes", default="1,2,4,8,16")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--stagger", type=int, default=4, help="staggered arrivals: one every this many steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 (float32 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the code paths in seconds")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a checkpoint folder (built if absent)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    dtype = "float32" if args.tiny else "bfloat16"
+    dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
     print(describe_machine(machine("cpu", getattr(torch, dtype), (256, 512) if args.tiny else (1024, 2048, 4096))))
+    print(time.strftime("run: %Y-%m-%d %H:%M UTC", time.gmtime()))
     with tempfile.TemporaryDirectory(prefix="blipdemo-batching-") as tmp:
         folder = build_checkpoint(args.checkpoint or Path(tmp) / "ckpt", lm_layers=2, tiny=args.tiny)
-        # One model: requests sent one after another never overlap, so on the batching service they run alone —
-        # exactly what a service without batching does (and two full-size copies would not fit beside each other).
+        single = blipdemo.load(folder, dtype=dtype, device="cpu")
         batched = blipdemo.load(folder, dtype=dtype, device="cpu", max_batch_size=max(sizes))
-        single = batched
         print(
             f"checkpoint: InstructBLIP, {'toy' if args.tiny else 'full-size ViT-g + Q-Former, LLaMA-7B-shaped'} LM "
-            f"cut to 2 layers, {dtype}; greedy, {args.tokens} new tokens per request"
+            f"cut to 2 layers, {dtype}; follow-up questions, greedy, {args.tokens} new tokens each; "
+            f"{args.repeats} repetitions after a warm-up"
         )
-        results = []
-        for case in ("follow-up", "first question"):
-            for n in sizes:
-                results.append(measure(single, batched, n, args.tokens, case, seed=n))
+        bench = Bench(single, batched, args.tokens, args.stagger, max(sizes))
+        bench.in_turn(1), bench.ours(2, None)  # warm-up
+        step, prefill = bench.step_times(max(sizes))
         print(
-            "\n| case | N | tokens/s in turn | tokens/s batched | speed-up | latency p50 / p95 in turn | "
-            f"latency p50 / p95 batched | same text | batches (regroups) |\n|{'---|' * 9}"
+            "step time (ms) by live rows: "
+            + ", ".join(f"{b}: {1e3 * step[b]:.1f}" for b in sorted(step))
+            + "; prefill alone (ms): "
+            + ", ".join(f"{1e3 * p:.1f}" for p in prefill)
         )
-        for r in results:
+        rows = []
+        for n in sizes:
+            for stagger in (None, args.stagger):
+                if stagger is not None and n == 1:
+                    continue
+                ours, turn, same = [], [], []
+                for rep in range(args.repeats):
+                    order = ("ours", "turn") if rep % 2 == 0 else ("turn", "ours")
+                    for side in order:
+                        if side == "ours":
+                            wall, answers_ours = bench.ours(n, stagger)
+                            ours.append(wall)
+                        elif stagger is None:
+                            wall, answers_turn = bench.in_turn(n)
+                            turn.append(wall)
+                    if stagger is None:
+                        same.append(sum(a == b for a, b in zip(answers_ours, answers_turn, strict=True)))
+                ideal = bench.ideal(n, stagger, step, prefill)
+                rows.append((n, stagger, ours, turn, ideal, min(same) if same else None))
+                print(f"  N={n} {'at once' if stagger is None else f'every {stagger} steps'}: done", flush=True)
+        print(
+            "\n| N | arrivals | ours min / median (s) | ideal (s) | ours / ideal | in turn min / median (s) | "
+            f"speed-up vs in turn | same |\n|{'---|' * 8}"
+        )
+        for n, stagger, ours, turn, ideal, same in rows:
+            arrivals = "at once" if stagger is None else f"every {stagger} steps"
+            o_min, o_med = min(ours), statistics.median(ours)
+            turn_cell = f"{min(turn):.2f} / {statistics.median(turn):.2f}" if turn else "–"
+            speedup = f"{statistics.median(turn) / o_med:.2f}×" if turn else "–"
             print(
-                f"| {r['case']} | {r['n']} | {r['tps_turn']:.1f} | {r['tps_batch']:.1f} | "
-                f"{r['tps_batch'] / r['tps_turn']:.2f}× | {r['p50_turn']:.2f} / {r['p95_turn']:.2f} s | "
-                f"{r['p50_batch']:.2f} / {r['p95_batch']:.2f} s | {r['same']} | {r['schedule']} |"
+                f"| {n} | {arrivals} | {o_min:.2f} / {o_med:.2f} | {ideal:.2f} | {o_med / ideal:.2f}× | {turn_cell} | "
+                f"{speedup} | {'–' if same is None else f'{same}/{n}'} |"
             )
-        print("latency: from the common start to each request's answer (in turn: waiting for the ones before it)")
-        print("batches (regroups): generate calls on the batched side, and how many began with a regroup")
-        print("\n".join(paper_estimate(single.config, args.tokens, sizes)))
+        print("speed-up: median in turn / median ours; ours / ideal: median ours over the ideal schedule")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Where a request goes (the app's path; the library enters at step 2):
 3. run id   control.py gives every call a run id that Stop and a vanished client reach, and pulls in threads
 4. GPU      gpu.py ``answer`` / ``remap``: all that holds the accelerator (on ZeroGPU, a worker process)
 5. encoded  service.py ``prepare`` (prompt that fits, image tokens cached by picture) → ``start``
-6. batched  batching.py: the ``Scheduler`` merges rows, ``run_batch`` decodes them (model.py is the module)
+6. batched  batching.py: the ``Scheduler`` admits requests between steps into decode_loop.py's ``RunningBatch``
+            (prompt prefilled once, caches merged, one step for all rows; model.py is the module)
 7. mapped   attention.py, relevancy.py: the maps, from one teacher_forced.py pass; heatmap.py paints them
 Loading (loading/: files, devices, LM, Q-Former) returns a model; api.py ``serve`` builds the service around it.
 """

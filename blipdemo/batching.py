@@ -1,29 +1,24 @@
-"""Generation for a batch of requests: one ``generate`` call, each row with its own length, stop, time limit and stream.
+"""Requests on their way to the model: the queue, the running batch it feeds, and beam search alone.
 
 A request (``Request``) carries a checked ``Question`` (every error the user can cause was raised where it was made,
-before any model work), encoded in its caller's thread (``PreparedInputs``), and is decoded by ``run_batch``, alone
-or next to other requests:
+before any model work), encoded in its caller's thread (``PreparedInputs``), and is decoded by ``decode_loop``'s
+``RunningBatch``, alone or next to other requests:
 
-- the images not yet cached go through the ViT together, the Q-Former and projection run on the batch;
-- decoder-only LMs get the rows left-padded ([pad ; queries ; prompt], generate derives the positions from the
-  mask), T5 gets them right-padded in its encoder;
-- ``_Rows`` (a stopping criterion, which ``generate`` calls after every step with the ids so far) hands each row's
-  new token to its request — its ids, and its ``TextIteratorStreamer``, which turns ids into text exactly as for a
-  lone request — and ends each row at its own ``max_new_tokens``, Stop, time limit or EOS; a row that ends gets
-  padding from then on and its stream closes at once; ``generate`` returns when every row has ended;
-- ``_RowMinNewTokens`` holds back EOS per row when the rows' ``min_new_tokens`` differ.
+- the images not yet cached go through the ViT together, the Q-Former and projection run on the newcomers of a step
+  (``model_inputs``): decoder-only LMs get the rows left-padded ([pad ; queries ; prompt]), T5 right-padded;
+- every row takes its tokens as ``generate`` would for it alone (its own processors, length, min length, seed), hands
+  each to its request — its ids, and its ``TextIteratorStreamer``, which turns ids into text exactly as for a lone
+  request — and ends at its own ``max_new_tokens``, Stop, time limit or EOS: its stream closes and its cache rows
+  leave the batch at once;
+- beam search decodes alone, through ``generate`` (``run_alone``): its beams reorder the cache at every step, and
+  merging beams with other rows would win little (a beam search is already a batch of ``num_beams`` rows).
 
-``Scheduler`` owns the waiting requests when batching is on: a worker thread takes the oldest waiting request and
-every other waiting request that can share its decoding (``DecodingOptions.batch_key``), up to ``max_batch_size``,
-and runs them as one batch. There is no waiting window: an idle model starts a lone request at once.
-
-Requests that arrive while a batch decodes join it at a step boundary (the batch is *regrouped*) when they are at
-least as many as its live rows and there is room: ``_Rows`` ends the ``generate`` call after recording the step's
-tokens, the live rows go back to the head of the queue with the ids they have so far, and the next batch takes
-them with the newcomers. A continuing row's prompt is its prompt plus its answer so far (a T5 row continues its
-decoder ids), so its answer goes on exactly where it was: greedy rows still answer as alone. The price is the
-recomputed prefill of the live rows — bounded because a regroup at least doubles the batch — against the
-newcomers waiting for the whole batch to end (eight requests sent at once would otherwise decode as 1 + 7).
+``Scheduler`` owns the waiting requests when batching is on: its thread runs the batch one step at a time and,
+between two steps, admits the waiting requests up to ``max_batch_size`` rows: their prompts are prefilled once,
+together, and their cache rows merged into the running batch (*continuous batching*). No row's prompt is ever computed
+again, so a request that arrives mid-answer costs the others one prefill, not a restart. There is no waiting window:
+an idle model starts a lone request at once. A beam search waits until the running rows have ended, and nobody passes
+it meanwhile.
 """
 
 from __future__ import annotations
@@ -36,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .decode_loop import RunningBatch
 from .decoding import DecodingOptions
 from .question import Question
 
@@ -65,13 +61,13 @@ class Request:
     """A prepared request on its way through a batch; its caller waits on ``done`` or reads ``streamer``."""
 
     inputs: PreparedInputs
-    key: tuple | None  # DecodingOptions.batch_key: equal keys share a batch; None decodes alone
+    alone: bool = False  # beam search: decodes through generate, alone (DecodingOptions.decodes_alone)
     stop: threading.Event = field(default_factory=threading.Event)  # set by the caller: Stop, or it left
     external_stop: threading.Event | None = None  # the caller's own switch, only watched
-    time_limit: float | None = None  # seconds of generation, counted from the start of its batch
+    time_limit: float | None = None  # seconds of generation, counted from its prefill
     streamer: object | None = None  # a TextIteratorStreamer, for streaming callers
     ids: list[int] = field(default_factory=list)  # generated ids so far (EOS included when reached)
-    ended: bool = False  # its row is over (the batch may go on for the others)
+    ended: bool = False  # its row is over (the batch goes on for the others)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _deadline: float | None = None
@@ -95,69 +91,17 @@ class Request:
         self.done.set()
 
 
-class _Rows(StoppingCriteria):
-    """Called by ``generate`` after every step with the ids so far (B, T): hands each live row its new token (the
-    request's ids and text stream) and ends rows — EOS, the row's own max_new_tokens, its Stop switch or its time
-    limit. An ended row's request is finished at once (its stream closes) and gets padding from then on.
+class _BeamStop(StoppingCriteria):
+    """Ends a beam search (all its beams) on its request's Stop switch or time limit; ``generate`` calls it after
+    every step. Its beams change their mind, so nothing is recorded or streamed per step: the text comes at the end."""
 
-    Beam search (``record=False``) runs alone: its beams change their mind, so nothing is recorded or streamed per
-    step (its text comes at the end), and all ``input_ids`` rows (the beams) share the one request's end."""
-
-    def __init__(
-        self,
-        requests: list[Request],
-        eos: set[int],
-        record: bool = True,
-        regroup: Callable[[int], bool] | None = None,
-    ) -> None:
-        self.requests = requests
-        self.eos = eos
-        self.record = record
-        self.regroup = regroup  # (live rows) → whether waiting requests should join now (the Scheduler's rule)
-        self.regrouped = False
+    def __init__(self, request: Request) -> None:
+        self.request = request
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        now = time.monotonic()
-        newest = input_ids[:, -1].tolist() if self.record else None
-        for i, request in enumerate(self.requests):
-            if request.ended:
-                continue
-            if self.record:
-                request.ids.append(newest[i])
-                if request.streamer is not None:
-                    request.streamer.put(torch.tensor([newest[i]]))
-            request.ended = bool(
-                (self.record and (newest[i] in self.eos or len(request.ids) >= request.inputs.max_new_tokens))
-                or request.stopped()
-                or (request._deadline is not None and now > request._deadline)
-            )
-            if request.ended and self.record:
-                request.finish()
-        live = sum(not r.ended for r in self.requests)
-        if self.record and self.regroup is not None and live and self.regroup(live):
-            # End this generate call; the live rows (not ended, not finished) continue in the regrouped batch.
-            self.regrouped = True
-            return torch.ones((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
-        if len(self.requests) == 1:
-            return torch.full((input_ids.shape[0],), self.requests[0].ended, dtype=torch.bool, device=input_ids.device)
-        return torch.tensor([r.ended for r in self.requests], dtype=torch.bool, device=input_ids.device)
-
-
-class _RowMinNewTokens(LogitsProcessor):
-    """EOS is not allowed before each row's own ``min_new_tokens`` (transformers' processor has one value for all)."""
-
-    def __init__(self, requests: list[Request], eos: list[int]) -> None:
-        self.minimum = [r.options.min_new_tokens or 0 for r in requests]
-        self.requests = requests
-        self.eos = eos
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        early = [i for i, r in enumerate(self.requests) if len(r.ids) < self.minimum[i]]
-        if early and self.eos:
-            scores[
-                torch.tensor(early, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)
-            ] = -float("inf")
-        return scores
+        request = self.request
+        over = request.stopped() or (request._deadline is not None and time.monotonic() > request._deadline)
+        return torch.full((input_ids.shape[0],), over, dtype=torch.bool, device=input_ids.device)
 
 
 def _eos_ids(generation_config) -> list[int]:
@@ -165,118 +109,106 @@ def _eos_ids(generation_config) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
 
 
-def run_batch(service, requests: list[Request], regroup: Callable[[int], bool] | None = None) -> list[Request]:
-    """Decode ``requests`` (which share a ``batch_key``, or one request) as one batch; never raises: a failure ends
-    each request with its error. ``regroup`` (live rows → bool), asked after every step, ends the batch early for
-    waiting requests to join: the unfinished requests are returned, to be decoded on (else the list is empty)."""
-    live = []
+def run_batch(service, requests: list[Request]) -> None:
+    """Decode ``requests`` to their ends: the beam searches one by one through ``generate``, the others as one running
+    batch (``decode_loop``). Never raises an ``Exception``: a failure ends each request it reaches with its error."""
     for request in requests:
-        if request.stopped():  # stopped while it waited: nothing to do
-            request.finish()
-        else:
-            live.append(request)
-    if not live:
-        return []
+        if request.alone:
+            run_alone(service, request)
+    batch = RunningBatch(service)
+    batch.admit([r for r in requests if not r.alone])
+    while batch.rows:
+        batch.step()
+
+
+def run_alone(service, request: Request) -> None:
+    """A beam search, through ``generate`` alone; never raises an ``Exception`` (the request ends with it)."""
+    if request.stopped():
+        request.finish()
+        return
     try:
         with torch.inference_mode():
-            left = _generate(service, live, regroup)
-    except BaseException as e:  # handed to each caller, who raises it in its own thread
-        for request in live:
-            request.finish(e)
+            _beam_search(service, request)
+    except BaseException as e:  # handed to the caller, who raises it in its own thread
+        request.finish(e)
         if not isinstance(e, Exception):
             raise
-        return []
-    for request in live:
-        if request not in left:
-            request.finish()
-    return left
+        return
+    request.finish()
 
 
-def generate_kwargs(service, requests: list[Request]) -> dict:
-    """``generate`` keyword arguments for a batch (one row per request): query + prompt embeddings, mask, and the
-    decoder-only LM's matching ids, with the shared decoding options; the per-row limits are ``run_batch``'s."""
+def model_inputs(service, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The LM's inputs for ``requests``' prompts, one row each: ``inputs_embeds`` (B, Q + T, D) and its mask
+    (B, Q + T) on the LM's input device, and for decoder-only LMs the matching ids (B, Q + T) with the image
+    placeholder at the query positions (the reference passes them: the repetition penalty sees the same ids).
+    Decoder-only rows are left-padded, [pad ; queries ; prompt]; T5 rows right-padded, [queries ; prompt ; pad]."""
     model = service.model
-    gen_cfg = model.language_model.generation_config
     image_embeds = service.image_tokens([r.inputs for r in requests])  # (B, N, Dv)
     qformer_ids = qformer_mask = None
     if model.family == "instructblip":
         qformer_pad = service.qformer_tokenizer.pad_token_id or 0
         qformer_ids, qformer_mask = _pad([r.inputs.qformer_input_ids[0] for r in requests], qformer_pad, left=False)
     query_embeds = model.query_outputs(image_embeds, qformer_ids, qformer_mask)  # (B, Q, Dq)
-
-    pad_id = service.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (_eos_ids(gen_cfg) or [0])[0]
+    pad_id = _pad_id(service)
     # Decoder-only LMs continue the sequence: pad on the left so every row's prompt ends at the last position.
     left = not model.is_encoder_decoder
-    # A decoder-only row regrouped mid-answer continues from its prompt + answer so far (ids: (T,) each).
-    rows = [r.inputs.input_ids[0] for r in requests]
-    if left:
-        rows = [torch.cat([row, torch.tensor(r.ids, dtype=row.dtype)]) for row, r in zip(rows, requests, strict=True)]
-    ids, mask = _pad(rows, pad_id, left=left)
+    ids, mask = _pad([r.inputs.input_ids[0] for r in requests], pad_id, left=left)
     embeds, _ = model.language_inputs(query_embeds, ids)  # (B, Q + T, D): [queries ; padded prompt]
     num_queries = query_embeds.shape[1]
+    full_ids = None
     if left:
         # The queries sit between the padding and the prompt: [pad ; queries ; prompt], mask [0 ; 1 ; 1].
         embeds = _queries_after_padding(embeds, mask, num_queries)
-    options = requests[0].options.kwargs()
-    options.pop("min_new_tokens", None)
-    kwargs = dict(
-        options,
-        inputs_embeds=embeds,
-        attention_mask=_mask_with_queries(mask, num_queries, left).to(embeds.device),
-        max_new_tokens=max(r.inputs.max_new_tokens - len(r.ids) for r in requests),
-        pad_token_id=gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else pad_id,
-    )
-    if model.is_encoder_decoder and any(r.ids for r in requests):
-        # T5 rows regrouped mid-answer continue their decoder: [pad ; start ; answer so far], left-padded (T5's
-        # positions are relative, so the padding shifts nothing); generate extends the decoder mask step by step.
-        start_id = gen_cfg.decoder_start_token_id
-        if start_id is None:
-            start_id = model.language_model.config.decoder_start_token_id
-        decoder_rows = [torch.tensor([start_id, *r.ids], dtype=torch.long) for r in requests]
-        decoder_ids, decoder_mask = _pad(decoder_rows, pad_id, left=True)
-        kwargs["decoder_input_ids"] = decoder_ids.to(embeds.device)
-        kwargs["decoder_attention_mask"] = decoder_mask.to(embeds.device)
-    # What is left of each row's min_new_tokens (regrouped rows have answered some already).
-    minimums = {max(0, min(r.options.min_new_tokens or 0, r.inputs.max_new_tokens) - len(r.ids)) for r in requests}
-    if len(minimums) == 1:
-        kwargs["min_new_tokens"] = minimums.pop()  # transformers' own processor, as for a lone request
-    else:
-        kwargs["logits_processor"] = LogitsProcessorList([_RowMinNewTokens(requests, _eos_ids(gen_cfg))])
-    if left:
-        # The reference passes ids for the query positions too (its <image> placeholders): generate's repetition
-        # penalty and the returned sequence see the same ids here.
         placeholder = model.config.image_token_index
         if placeholder is None:
             placeholder = service.tokenizer.pad_token_id or 0
-        kwargs["input_ids"] = _ids_with_queries(ids, mask, num_queries, placeholder, pad_id).to(embeds.device)
+        full_ids = _ids_with_queries(ids, mask, num_queries, placeholder, pad_id).to(embeds.device)
+    return embeds, _mask_with_queries(mask, num_queries, left).to(embeds.device), full_ids
+
+
+def _pad_id(service) -> int:
+    gen_cfg = service.model.language_model.generation_config
+    pad_id = service.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (_eos_ids(gen_cfg) or [0])[0]
+    return pad_id
+
+
+def generate_kwargs(service, requests: list[Request]) -> dict:
+    """``generate`` keyword arguments for ``requests`` (one row each; the first one's decoding options): query +
+    prompt embeddings, mask, and the decoder-only LM's matching ids. Beam search and benchmarks use it."""
+    gen_cfg = service.model.language_model.generation_config
+    embeds, mask, ids = model_inputs(service, requests)
+    options = requests[0].options.kwargs()
+    options.pop("seed", None)  # a row's own generator is the decode loop's; generate draws from torch's global one
+    room = max(r.inputs.max_new_tokens for r in requests)
+    if options.get("min_new_tokens"):
+        options["min_new_tokens"] = min(options["min_new_tokens"], room)
+    pad_id = _pad_id(service)
+    kwargs = dict(
+        options,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        max_new_tokens=room,
+        pad_token_id=gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else pad_id,
+    )
+    if ids is not None:
+        kwargs["input_ids"] = ids
     return kwargs
 
 
-def _generate(service, requests: list[Request], regroup: Callable[[int], bool] | None = None) -> list[Request]:
-    """One ``generate`` call for ``requests``; returns the rows a regroup left unfinished (else [])."""
+def _beam_search(service, request: Request) -> None:
     model = service.model
     lm = model.language_model
-    kwargs = generate_kwargs(service, requests)
-    start = time.monotonic()
-    for request in requests:
-        if request._deadline is None and request.time_limit:  # counted from the row's first batch
-            request._deadline = start + request.time_limit
-    beams = (requests[0].options.resolved(lm.generation_config)["num_beams"] or 1) if len(requests) == 1 else 1
-    eos = set(_eos_ids(lm.generation_config))
-    rows = _Rows(requests, eos, record=beams == 1, regroup=regroup if beams == 1 else None)
-    kwargs["stopping_criteria"] = StoppingCriteriaList([rows])
-    if beams > 1:  # beam search (alone): beams change their mind, so only the end is final
-        output = lm.generate(**kwargs)
-        new = output[0] if model.is_encoder_decoder else output[0, kwargs["input_ids"].shape[1] :]
-        request = requests[0]
-        request.ids = new.tolist()
-        if request.streamer is not None:
-            request.streamer.text_queue.put(service.decode(new))
-        return []
-    lm.generate(**kwargs)  # the tokens reach their requests through _Rows, step by step
-    return [r for r in requests if not r.ended] if rows.regrouped else []
+    kwargs = generate_kwargs(service, [request])
+    if request._deadline is None and request.time_limit:
+        request._deadline = time.monotonic() + request.time_limit
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_BeamStop(request)])
+    output = lm.generate(**kwargs)
+    new = output[0] if model.is_encoder_decoder else output[0, kwargs["input_ids"].shape[1] :]
+    request.ids = new.tolist()
+    if request.streamer is not None:
+        request.streamer.text_queue.put(service.decode(new))
 
 
 def _pad(rows: list[torch.Tensor], value: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,25 +260,24 @@ class SchedulerError(RuntimeError):
 
 
 class Scheduler:
-    """Merges concurrent requests into batches of up to ``max_batch_size`` (see the module's docstring).
+    """Owns the running batch of a service with ``max_batch_size > 1`` (see the module's docstring).
 
     Under stops and faults: a stopped request leaves the queue at once (``withdraw``, and stopped requests are never
     taken or counted); a caller waits with a bound (``wait``) and gets a ``SchedulerError`` if the thread died, and
     the next request starts a new thread; a forked child (ZeroGPU's workers are forks) starts with a fresh lock and
     an empty queue, whatever the parent's threads held at the fork."""
 
-    def __init__(
-        self, run: Callable[[list[Request], Callable[[int], bool] | None], list[Request]], max_batch_size: int
-    ) -> None:
-        self.run = run  # (batch, regroup rule) → the requests a regroup left unfinished
+    def __init__(self, service, max_batch_size: int) -> None:
+        self.service = service
         self.max_batch_size = max_batch_size
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        self.batches = 0  # batches run so far, the rows they held, and the regroups (tests and benchmarks read these)
+        self.batch: RunningBatch | None = None  # the running batch of the current thread
+        self.admissions = 0  # prefills of newcomers, the rows they brought, beam searches run alone (tests read them)
         self.rows = 0
-        self.regroups = 0
+        self.alone = 0
         after_fork_in_child(self, Scheduler._after_fork)
 
     def _after_fork(self) -> None:
@@ -354,13 +285,14 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending = []
         self._thread = None
+        self.batch = None
 
     def alive(self) -> bool:
         """Whether this process's scheduler thread is running."""
         return self._thread is not None and self._pid == os.getpid() and self._thread.is_alive()
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; it starts with the next batch (at once when the model is idle)."""
+        """Queue ``request``; it joins the running batch at the next step (at once when the model is idle)."""
         with self._cond:
             if not self.alive():  # none yet, or one that ended (an interrupt inside a batch, a fault)
                 self._pid = os.getpid()
@@ -371,7 +303,7 @@ class Scheduler:
 
     def withdraw(self, request: Request) -> None:
         """``request`` was stopped: if it still waits, it leaves the queue now and is finished (its caller is free);
-        in a batch, its row ends at the batch's next step."""
+        in the running batch, its row ends at the next step."""
         with self._cond:
             if any(r is request for r in self._pending):
                 self._pending = [r for r in self._pending if r is not request]
@@ -392,59 +324,48 @@ class Scheduler:
             for request in stopped:
                 request.finish()
 
-    def _take(self) -> list[Request]:
-        first = self._pending.pop(0)
-        batch = [first]
-        if first.key is not None:
-            for request in list(self._pending):
-                if len(batch) == self.max_batch_size:
-                    break
-                if request.key == first.key:
-                    batch.append(request)
-                    self._pending.remove(request)
-        return batch
-
-    def _should_regroup(self, key: tuple, live: int) -> bool:
-        """Whether the waiting requests with ``key`` should join a batch of ``live`` rows now: only if they are at
-        least as many as the live rows (and fit), so the recomputed prefill of the live rows is paid for by at
-        least as many rows starting at once, and every regroup at least doubles the live rows. Never past an older
-        request that cannot join (beam search, other sampling values): it goes next, so that a stream of joining
-        requests cannot keep it waiting for ever. Stopped requests do not count."""
-        room = self.max_batch_size - live
-        if room <= 0:
-            return False
-        with self._cond:
-            self._purge()
-            if not self._pending or self._pending[0].key != key:
-                return False
-            waiting = sum(1 for r in self._pending if r.key == key)
-        return min(waiting, room) >= live
+    def _take(self, running: int) -> list[Request]:
+        """The requests that start now (called with the lock held), oldest first, next to ``running`` rows: waiting
+        rows up to the free slots; a beam search, alone, once the batch is empty — and nobody passes an older beam
+        search, so that a stream of joining requests cannot keep it waiting for ever."""
+        self._purge()
+        if not self._pending:
+            return []
+        if self._pending[0].alone:
+            return [self._pending.pop(0)] if running == 0 else []
+        taken = []
+        while self._pending and not self._pending[0].alone and running + len(taken) < self.max_batch_size:
+            taken.append(self._pending.pop(0))
+        return taken
 
     def _loop(self) -> None:
-        batch: list[Request] = []
+        batch = self.batch = RunningBatch(self.service)
+        taken: list[Request] = []
         try:
             while True:
                 with self._cond:
                     self._purge()
-                    while not self._pending:
+                    while not self._pending and not batch.rows:
                         self._cond.wait()
                         self._purge()
-                    batch = self._take()
-                self.batches += 1
-                self.rows += len(batch)
-                key = batch[0].key
-                regroup = None if key is None else (lambda live, key=key: self._should_regroup(key, live))
-                left = self.run(batch, regroup)  # finishes its rows, also when it fails
-                batch = []
-                if left:
-                    with self._cond:  # the continuing rows go first: they were taken before anyone waiting now
-                        self._pending[:0] = left
-                        self.regroups += 1
+                    taken = self._take(len(batch.rows))
+                if taken and taken[0].alone:
+                    self.alone += 1
+                    run_alone(self.service, taken[0])
+                elif taken:  # newcomers: their prompts once, then they decode with the others
+                    self.admissions += 1
+                    self.rows += len(taken)
+                    batch.admit(taken)
+                else:
+                    batch.step()
+                taken = []
         except BaseException as e:
-            # The thread ends (an interrupt inside a batch, or a fault here): its rows are told, and the requests
+            # The thread ends (an interrupt inside a step, or a fault here): its rows are told, and the requests
             # that wait stay for the next thread, which the next submit (or a waiting caller's error) brings.
-            for request in batch:
-                request.finish(SchedulerError(f"The model's scheduler stopped: {type(e).__name__}: {e}"))
+            error = SchedulerError(f"The model's scheduler stopped: {type(e).__name__}: {e}")
+            for request in [row.request for row in batch.rows] + taken:
+                request.finish(error)
+            batch.fail(error)
             raise
 
 

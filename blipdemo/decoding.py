@@ -20,6 +20,7 @@ RANGES: dict[str, tuple[type, float, float, bool]] = {
     "temperature": (float, 0.0, 10.0, False),
     "repetition_penalty": (float, 1.0, 10.0, True),
     "length_penalty": (float, -10.0, 10.0, True),
+    "seed": (int, 0, 2**63 - 1, True),
 }
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -97,6 +98,7 @@ class DecodingOptions:
     temperature: float | None = None
     repetition_penalty: float | None = None
     length_penalty: float | None = None
+    seed: int | None = None  # sampling: the row's own generator, so its answer is reproducible in any batch
 
     @classmethod
     def of(cls, options: DecodingOptions | dict | None = None, **more: Any) -> DecodingOptions:
@@ -118,20 +120,10 @@ class DecodingOptions:
             for f in fields(self)
         }
 
-    def batch_key(self, generation_config) -> tuple | None:
-        """Requests with equal keys can decode in one batch; None: this one decodes alone (beam search).
+    def decodes_alone(self, generation_config) -> bool:
+        """Whether this request decodes alone, through ``generate`` (beam search), instead of in the running batch.
 
-        The lengths (``max_new_tokens``, ``min_new_tokens``) are per row and not part of the key; greedy and sampling
-        differ, and sampling rows share their temperature / top-p; the repetition penalty must match. The length
-        penalty only steers beam search.
-        """
-        values = self.resolved(generation_config)
-        if (values["num_beams"] or 1) > 1:
-            return None
-        sampling = bool(values["do_sample"])
-        return (
-            sampling,
-            values["temperature"] if sampling else None,
-            values["top_p"] if sampling else None,
-            values["repetition_penalty"],
-        )
+        Everything else — greedy and sampling, any temperature, top-p, repetition penalty, lengths or seed — shares
+        the batch, each row with its own logits processors. A seed steers sampling rows only: a beam search that
+        samples draws from torch's global generator, as ``generate`` does."""
+        return (self.resolved(generation_config)["num_beams"] or 1) > 1

@@ -138,7 +138,7 @@ class Service:
         self.max_batch_size = max_batch_size
         self.scheduler = None
         if max_batch_size > 1:
-            self.scheduler = Scheduler(lambda batch, regroup: run_batch(self, batch, regroup), max_batch_size)
+            self.scheduler = Scheduler(self, max_batch_size)
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
 
@@ -337,7 +337,7 @@ class Service:
     def _request(self, inputs: PreparedInputs, stop_event=None, streamer=None) -> Request:
         return Request(
             inputs=inputs,
-            key=inputs.question.decoding.batch_key(self.model.language_model.generation_config),
+            alone=inputs.question.decoding.decodes_alone(self.model.language_model.generation_config),
             external_stop=stop_event,
             time_limit=self.generation_time_limit,
             streamer=streamer,

@@ -351,12 +351,10 @@ def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, 
     """The model runs out of memory mid-request: the message shows alone, the question is back in the box, the
     chat holds no half turn, and once memory is back the same click on Send is answered."""
     vlm, address = served
-    real = vlm.language_model.generate
-
-    def exhausted(*args, **kwargs):
+    def exhausted(*args, **kwargs):  # the LM's forward, which every decoding path calls
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(vlm.language_model, "generate", exhausted)
+    monkeypatch.setattr(vlm.language_model, "forward", exhausted)
     example = examples()[2]
     page = open_app(browser, address)
     click_example(page, 2)
@@ -365,7 +363,7 @@ def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, 
     assert not visible_error_badges(page)
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0", timeout=10_000)
     assert page.locator("#instruction textarea").input_value() == example["question"]
-    monkeypatch.setattr(vlm.language_model, "generate", real)
+    monkeypatch.undo()
     page.locator("#send").click()
     assert read_answer(page, example["answer"]) == example["answer"]
     page.close()

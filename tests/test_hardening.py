@@ -21,6 +21,8 @@ from hazards import REFUSED, VALID, build
 from PIL import Image
 from served import freed_after, generating, serve, wait_for_generation
 
+from blipdemo.decode_loop import RunningBatch
+
 QUESTION = "What color is the circle?"
 
 
@@ -137,17 +139,18 @@ def test_out_of_range_decoding_before_any_model_work(app, client, files, options
 
 def test_out_of_memory_gives_a_message_and_frees(app, client, files, monkeypatch):
     vlm = app[0]
-    real = vlm.language_model.generate
 
-    def exhausted(*args, **kwargs):
-        held = torch.empty(10_000_000)  # what the failing generation held
+    def exhausted(*args, **kwargs):  # the LM's forward, which every decoding path calls
+        held = torch.empty(10_000_000)  # what the failing step held
         del held
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(vlm.language_model, "generate", exhausted)
+    monkeypatch.setattr(vlm.language_model, "forward", exhausted)
     with pytest.raises(Exception, match="ran out of memory"):
         ask(client, files["ok-0.png"])
-    monkeypatch.setattr(vlm.language_model, "generate", real)
+    with pytest.raises(Exception, match="ran out of memory"):
+        ask(client, files["ok-0.png"], num_beams=2)  # beam search, through generate
+    monkeypatch.undo()
     assert not generating()
     served_next(client, files, vlm)
 
@@ -157,26 +160,36 @@ def test_wall_clock_limit(app, client, files, monkeypatch):
     exactly the tokens generated until then."""
     vlm = app[0]
     _slow_down(vlm, monkeypatch)  # the LM's room (~240 tokens) at 40 ms a step is ~10 s; unslowed it ends in < 1 s
-    runs = []
-    real_generate = vlm.language_model.generate
+    calls = []  # (start, end) of every LM forward: the prefill, then one per step
+    slow_forward = vlm.language_model.forward
 
-    def timed_generate(*args, **kwargs):
+    def timed_forward(*args, **kwargs):
         start = time.perf_counter()
-        out = real_generate(*args, **kwargs)
-        runs.append((time.perf_counter() - start, out[0, kwargs["input_ids"].shape[1] :]))
+        out = slow_forward(*args, **kwargs)
+        calls.append((start, time.perf_counter()))
         return out
 
-    monkeypatch.setattr(vlm.language_model, "generate", timed_generate)
+    monkeypatch.setattr(vlm.language_model, "forward", timed_forward)
+    chosen = []  # the tokens the decode loop picked, in order (one row)
+    choose = RunningBatch._choose
+
+    def recorded(rows, logits):
+        tokens = choose(rows, logits)
+        chosen.extend(tokens.tolist())
+        return tokens
+
+    monkeypatch.setattr(RunningBatch, "_choose", staticmethod(recorded))
     monkeypatch.setattr(vlm, "generation_time_limit", 1.0)
     room = vlm.prepare(
         vlm.question(files["ok-1.png"], QUESTION, max_new_tokens=2000)
     ).max_new_tokens  # the LM's limit caps 2000
     answer = ask(client, files["ok-1.png"], max_new_tokens=2000, min_new_tokens=2000, method="Nucleus sampling")
-    ((seconds, new_ids),) = runs
-    assert len(new_ids) < room, "the time limit, not the token limit, must end it"
-    # transformers' MaxTimeCriteria starts its clock inside generate and is checked after every step (~ms here)
+    seconds = calls[-1][1] - calls[0][0]
+    assert len(chosen) == len(calls), "one token per forward: the prefill's, then one per step"
+    assert len(chosen) < room, "the time limit, not the token limit, must end it"
+    # The clock starts at the row's prefill and is read after every step (40 ms here)
     assert 1.0 <= seconds < 1.5, f"the generation ran {seconds:.2f} s under a 1 s limit"
-    assert answer == vlm.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    assert answer == vlm.tokenizer.decode(chosen, skip_special_tokens=True).strip()  # every token until then
     monkeypatch.undo()
     served_next(client, files, vlm)
 
