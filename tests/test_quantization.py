@@ -49,41 +49,9 @@ def test_quantized_lm(checkpoint_dir, images, bits, family, lm):
     if bits == 4:
         kept = [n for n, m in vlm.language_model.named_modules() if type(m) is torch.nn.Linear]
         assert all(n == "lm_head" or n.endswith(".wo") for n in kept), kept  # transformers' own float modules
-    answer = vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)
-    assert isinstance(answer, str)
+    assert vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)
     # Same bitsandbytes kernels as transformers' own quantized reference: the logits must agree closely.
-    cls = InstructBlipForConditionalGeneration if family == "instructblip" else Blip2ForConditionalGeneration
-    proc = (InstructBlipProcessor if family == "instructblip" else Blip2Processor).from_pretrained(folder)
-    ref = cls.from_pretrained(
-        folder,
-        dtype=torch.bfloat16,
-        quantization_config=BitsAndBytesConfig(
-            load_in_8bit=bits == 8,
-            load_in_4bit=bits == 4,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            # like ours: only the LM is quantized; vision encoder, Q-Former and projection stay bfloat16
-            llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head"],
-        ),
-    ).eval()
-    text = PROMPT if family == "instructblip" else f"Question: {PROMPT} Answer:"
-    inputs = proc(images=images[0], text=text, return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    q = vlm.config.num_query_tokens
-    kw = {} if not vlm.is_encoder_decoder else {"decoder_input_ids": torch.tensor([[0, 3]])}
-    with torch.no_grad():
-        expected = ref(**inputs, **kw).logits[0, -1].float()
-        ours = (
-            vlm(
-                pixel_values=inputs["pixel_values"],
-                input_ids=inputs["input_ids"][:, q:],
-                qformer_input_ids=inputs.get("qformer_input_ids"),
-                **kw,
-            )
-            .logits[0, -1]
-            .float()
-        )
-    corr = torch.corrcoef(torch.stack([expected, ours]))[0, 1].item()
+    corr = _correlation_with(vlm, _transformers_quantized(folder, bits), _reference_inputs(folder, images[0]))
     assert corr > 0.99, f"{bits}-bit: ours vs transformers' {bits}-bit reference, corr {corr:.4f}"
 
 
@@ -151,18 +119,21 @@ def _lm_linears(vlm) -> dict[str, torch.nn.Module]:
     }
 
 
-def _transformers_4bit(folder, keep=()):
-    """transformers' own 4-bit model of ``folder`` (NF4, bfloat16 compute), only the LM quantized as ours is, and
-    the LM layers matching ``keep`` left in bfloat16."""
+def _transformers_quantized(folder, bits: int = 4, keep=(), **kwargs):
+    """transformers' own bitsandbytes model of ``folder`` (8-bit, or NF4 with bfloat16 compute), only the LM
+    quantized as ours is, the LM layers matching ``keep`` left in bfloat16; ``kwargs`` to ``from_pretrained``
+    (``device_map``)."""
     instruct = '"instructblip"' in (folder / "config.json").read_text()
     cls = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
     config = BitsAndBytesConfig(
-        load_in_4bit=True,
+        load_in_8bit=bits == 8,
+        load_in_4bit=bits == 4,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
+        # like ours: only the LM is quantized; vision encoder, Q-Former and projection stay bfloat16
         llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head", *keep],
     )
-    return cls.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config).eval()
+    return cls.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config, **kwargs).eval()
 
 
 def _reference_inputs(folder, image) -> dict:
@@ -202,7 +173,7 @@ def test_4bit_cpu_keeps_the_layers_the_kernel_cannot_run(narrow_kv, images, capl
 
     # The failure itself, in transformers' own 4-bit model: the first forward through k_proj.
     with pytest.raises(AssertionError, match="N must be divisible by block_n"), torch.no_grad():
-        _transformers_4bit(folder)(**inputs)
+        _transformers_quantized(folder)(**inputs)
 
     with caplog.at_level(logging.WARNING, logger="blipdemo.loading"):
         vlm = blipdemo.load(folder, dtype="bfloat16", device="cpu", load_in_4bit=True, quantization="bitsandbytes")
@@ -221,7 +192,9 @@ def test_4bit_cpu_keeps_the_layers_the_kernel_cannot_run(narrow_kv, images, capl
     vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)  # used to raise the AssertionError
     assert all(_packed(linears[n] for n in quantized)), "every 4-bit layer ran the packed kernel"
     # transformers' 4-bit model with the same layers kept in bfloat16 agrees with ours.
-    corr = _correlation_with(vlm, _transformers_4bit(folder, ["self_attn.k_proj", "self_attn.v_proj"]), inputs)
+    corr = _correlation_with(
+        vlm, _transformers_quantized(folder, keep=["self_attn.k_proj", "self_attn.v_proj"]), inputs
+    )
     assert corr > 0.99, f"ours vs transformers' 4-bit reference with the same layers kept: corr {corr:.4f}"
 
 
@@ -236,7 +209,9 @@ def test_4bit_cpu_t5_attention_widths(narrow_t5, images):
     vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)
     assert all(_packed(quantized)), "every 4-bit layer ran the packed kernel"
     keep = [r".*\.SelfAttention", r".*\.EncDecAttention"]  # regexes: transformers matches from the start or a suffix
-    corr = _correlation_with(vlm, _transformers_4bit(narrow_t5, keep), _reference_inputs(narrow_t5, images[0]))
+    corr = _correlation_with(
+        vlm, _transformers_quantized(narrow_t5, keep=keep), _reference_inputs(narrow_t5, images[0])
+    )
     assert corr > 0.99, f"ours vs transformers' 4-bit reference with the same layers kept: corr {corr:.4f}"
 
 
@@ -255,7 +230,7 @@ def test_4bit_keeps_nothing_where_the_packed_kernel_is_not_used(request, checkpo
     assert all(isinstance(linears[n], bnb.nn.Linear4bit) for n in narrow)
     assert vlm.ask(images[0], PROMPT, max_new_tokens=6, num_beams=1)
     assert not any(_packed(quantized)), "no 4-bit layer may have taken the packed kernel"
-    corr = _correlation_with(vlm, _transformers_4bit(folder), _reference_inputs(folder, images[0]))
+    corr = _correlation_with(vlm, _transformers_quantized(folder), _reference_inputs(folder, images[0]))
     assert corr > 0.99, f"ours vs transformers' 4-bit reference, both dequantizing: corr {corr:.4f}"
 
 
