@@ -1,14 +1,17 @@
 """Relevancy maps (``explain(..., method="relevancy")``): the propagation rules on hand-built tensors, gradients with
 respect to the recorded attention that are those of the output (checked against transformers' eager attention), the
-hand-built pattern of test_attention through both hops, threads, and 8-bit LMs."""
+whole map against Chefer et al.'s rule run by plain autograd on transformers' own model, the hand-built pattern of
+test_attention through both hops, threads, and 8-bit LMs."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
 import torch
+from reference import reference
 from test_attention import (
     ANSWER,
     PROMPT,
@@ -273,6 +276,156 @@ def test_relevancy_maps_are_probability_maps_and_text_equals_ask(loaded, images,
     assert all(p.grad is None for p in vlm.model.parameters())
     assert torch.is_grad_enabled()
     assert e.text == vlm.explain(images[1], PROMPT, max_new_tokens=6, num_beams=1).text
+
+
+def _gradcam(attention: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+    """Chefer et al.'s Ā = E_heads[(∇A ⊙ A)⁺] of one map (1, heads, Tq, Tk) → (Tq, Tk), float64."""
+    if gradient is None:  # the logit does not depend on this map (T5's encoder for no token, say): Ā = 0
+        return torch.zeros(attention.shape[-2:], dtype=torch.float64)
+    return (gradient.double() * attention.detach().double()).clamp_min(0).mean(1)[0]
+
+
+def _to_one(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to sum 1; a row with no positive relevancy at all counts as uniform (no evidence either way)."""
+    total = x.sum(-1, keepdim=True)
+    return torch.where(total > 0, x / total.clamp_min(1e-300), 1.0 / x.shape[-1])
+
+
+def _reference_relevancy(folder, image, answer: torch.Tensor, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token maps (n, P), query weights (n, Q)) of ``answer`` (n,) teacher-forced after PROMPT, computed without
+    blipdemo: transformers' own model (eager attention, every map it multiplied with returned in the autograd graph),
+    one plain ``torch.autograd.grad`` per token, and the rule written out as whole matrices.
+
+    Target of token t: its logit at the position that produced it, moved back by ``shift`` (``shift=1``: the
+    off-by-one bug — the logit one position early, wrapping around for T5's first token).
+
+    The rule (Chefer, Gur and Wolf 2021, with the variant blipdemo documents in relevancy.py's docstring):
+    - every map A: Ā = mean over heads of (∇A ⊙ A) clamped at 0;
+    - decoder-only LM: R = Π (I + Ā_l), R ← R + Ā_l R layer by layer; token t's row, query columns;
+    - T5: R_ee = Π (I + Ā_enc); per decoder block R_dd ← R_dd + Ā_self R_dd, R_de ← R_de + Ā_self R_de, then
+      R_de += Ā_cross R_ee; token t's row of R_de, query columns;
+    - Q-Former: R (Q + T, 1 + P) = 0; per layer R ← R + Ā_self R, then (layers with cross-attention) R[:Q] += Ā_cross;
+      the queries' rows, the CLS column dropped;
+    - weights and each query's map scaled to sum 1, the token's map Σ_q w_q C_q scaled to sum 1."""
+    model, processor, family = reference(folder)
+    # A fresh copy with eager attention: SDPA returns no weights, and the cached reference serves other tests.
+    model = type(model).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    text = PROMPT if family == "instructblip" else f"Question: {PROMPT} Answer:"
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    queries = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()  # where the queries sit
+    qformer = {k: inputs[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in inputs}
+    # The Q-Former's probabilities, taken from its attention modules' own outputs: BLIP-2's get_image_features passes
+    # no output_attentions to the Q-Former, and InstructBLIP's "attentions" mixes self- and cross-attention.
+    layers = model.qformer.encoder.layer
+    records: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for kind, block in (("self", layer.attention), ("cross", getattr(layer, "crossattention", None))):
+            if block is not None and (kind == "self" or layer.has_cross_attention):
+                keep = lambda module, args, out, key=(kind, i): records.__setitem__(key, out[1])  # noqa: E731
+                hooks.append(block.attention.register_forward_hook(keep))
+    n = len(answer)
+    with torch.enable_grad():
+        try:
+            if model.config.use_decoder_only_language_model:
+                ids = torch.cat([inputs["input_ids"], answer[None, :-1]], dim=1)  # [queries ; prompt ; answer[:-1]]
+                out = model(
+                    pixel_values=inputs["pixel_values"],
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    output_attentions=True,
+                    **qformer,
+                )
+                lm = [list(out.language_model_outputs.attentions)]
+                rows = torch.arange(n) + inputs["input_ids"].shape[1] - 1  # the position before token t produced it
+            else:
+                start = torch.tensor([model.config.text_config.decoder_start_token_id])
+                out = model(
+                    pixel_values=inputs["pixel_values"],
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    decoder_input_ids=torch.cat([start, answer[:-1]])[None],
+                    output_attentions=True,
+                    **qformer,
+                )
+                lm_out = out.language_model_outputs
+                lm = [list(lm_out.encoder_attentions), list(lm_out.decoder_attentions), list(lm_out.cross_attentions)]
+                rows = torch.arange(n)  # decoder position t produced token t
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self_maps = [records["self", i] for i in range(len(layers))]
+        cross_layers = [i for i in range(len(layers)) if ("cross", i) in records]
+        maps = self_maps + [records["cross", i] for i in cross_layers] + [a for group in lm for a in group]
+        weights, query_maps = [], []
+        for t in range(n):
+            target = out.logits[0, (rows[t] - shift) % out.logits.shape[1], answer[t]]
+            grads = torch.autograd.grad(target, maps, retain_graph=True, allow_unused=True)
+            cams = [_gradcam(a, g) for a, g in zip(maps, grads, strict=True)]
+            q_self, rest = cams[: len(layers)], cams[len(layers) :]
+            q_cross, lm_cams = dict(zip(cross_layers, rest, strict=False)), rest[len(cross_layers) :]
+            num_queries = len(queries)
+            r = torch.zeros(q_self[0].shape[0], records["cross", cross_layers[0]].shape[-1], dtype=torch.float64)
+            for i, cam in enumerate(q_self):
+                r = r + cam @ r
+                if i in q_cross:
+                    r[:num_queries] += q_cross[i]
+            query_maps.append(r[:num_queries, 1:])
+            if len(lm) == 1:
+                r = torch.eye(out.logits.shape[1], dtype=torch.float64)
+                for cam in lm_cams:
+                    r = r + cam @ r
+                weights.append(r[rows[t], queries])
+            else:
+                encoder, decoder = lm_cams[: len(lm[0])], lm_cams[len(lm[0]) :]
+                r_ee = torch.eye(encoder[0].shape[0], dtype=torch.float64)
+                for cam in encoder:
+                    r_ee = r_ee + cam @ r_ee
+                r_dd, r_de = torch.eye(n, dtype=torch.float64), torch.zeros(n, len(r_ee), dtype=torch.float64)
+                half = len(decoder) // 2  # decoder self-attention per block, then cross-attention per block
+                for self_cam, cross_cam in zip(decoder[:half], decoder[half:], strict=True):
+                    r_dd, r_de = r_dd + self_cam @ r_dd, r_de + self_cam @ r_de
+                    r_de = r_de + cross_cam @ r_ee
+                weights.append(r_de[rows[t], queries])
+    w, c = _to_one(torch.stack(weights)), _to_one(torch.stack(query_maps))  # (n, Q), (n, Q, P)
+    return _to_one(torch.einsum("tq,tqp->tp", w, c)).numpy(), w.numpy()
+
+
+@pytest.mark.parametrize("family,lm", [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5")])
+def test_relevancy_maps_equal_chefer_et_al_on_the_transformers_model(
+    checkpoint_dir, loaded, images, monkeypatch, family, lm
+):
+    """The whole map, end to end, against ``_reference_relevancy`` (no blipdemo code in it) on the same checkpoint
+    and the same teacher-forced answer; and the off-by-one target: a different map, which is what our code gives when
+    it is made to take each token's logit one position early (so this test catches that bug)."""
+    folder = checkpoint_dir(family, lm)
+    vlm = loaded(family, lm)
+    tokenizer = reference(folder)[1].tokenizer
+    answer = torch.tensor(tokenizer(" red green", add_special_tokens=False)["input_ids"])  # no EOS: all visible
+    expected, expected_weights = _reference_relevancy(folder, images[0], answer, shift=0)
+    off_by_one, _ = _reference_relevancy(folder, images[0], answer, shift=1)
+    assert np.abs(off_by_one - expected).max() > 0.05, "the two targets must give maps this test can tell apart"
+    assert (expected.max(1) - expected.min(1)).min() > 0.01, "maps with something to compare (not flat)"
+
+    inputs = vlm.prepare(vlm.question(images[0], PROMPT))
+    ours = explain_answer(vlm, inputs, answer, "red green", method="relevancy")
+    assert len(ours.tokens) == len(answer) > 1
+    # atol as asked; rtol 1e-4 (relative float32 rounding, the gradient test's): T5's longer path
+    # (encoder rollout times decoder rollout, then normalized) amplifies float32 rounding to ~1.3e-5 on maps ~0.1.
+    tol = {"atol": 1e-5, "rtol": 1e-4}
+    np.testing.assert_allclose(ours.token_maps.reshape(len(answer), -1), expected, **tol)
+    np.testing.assert_allclose(ours.query_weights, expected_weights, **tol)
+
+    forced = relevancy.teacher_forced
+
+    def one_early(*args, **kwargs):  # the bug: logits[row] read where logits[row - 1] is (the rows themselves kept)
+        f = forced(*args, **kwargs)
+        return dataclasses.replace(f, logits=f.logits.roll(1, dims=1))
+
+    monkeypatch.setattr(relevancy, "teacher_forced", one_early)
+    buggy = explain_answer(vlm, inputs, answer, "red green", method="relevancy").token_maps.reshape(len(answer), -1)
+    np.testing.assert_allclose(buggy, off_by_one, **tol)
+    assert not np.allclose(buggy, expected, **tol)
 
 
 def _unit_gradients(monkeypatch) -> None:

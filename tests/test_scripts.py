@@ -100,6 +100,9 @@ def test_speed_benchmark_eager_and_compiled_in_one_run(tmp_path):
 def test_embed_speed_against_diffusers(tmp_path):
     reference_env.ensure()  # the diffusers 0.31 reference venv (made once; the script would make it too)
     stdout = run("benchmarks/embed_speed.py", "--tiny", "--runs", "1", "--workdir", str(tmp_path))
+    assert stdout.startswith("machine: ") and "matmul peak" in stdout  # the README quotes the peak from here
+    for dtype in ("bfloat16", "float32"):
+        assert re.search(rf"attention op 1×16×257×64 \({dtype}, median\): .* SDPA takes [\d.]+×", stdout), dtype
     assert "| dtype | diffusers (s) | blipdemo (s) | ours / reference |" in stdout
     assert "| float32 |" in stdout and "| bfloat16 |" in stdout
     assert "decode the PNG file, preprocess, Q-Former" in stdout
