@@ -25,7 +25,7 @@ GROWTH = textwrap.dedent(
     import psutil, torch
     from blipdemo import kernel_caches
     if sys.argv[1] == "bounded":
-        kernel_caches.bound(16)
+        kernel_caches.bound(16, 16)
     libc = ctypes.CDLL("libc.so.6")
     def rss():
         gc.collect(); libc.malloc_trim(0)
@@ -49,7 +49,7 @@ def unset(monkeypatch):
 
 
 def test_bound_sets_both_caches_where_the_environment_does_not(unset, monkeypatch):
-    assert kernel_caches.bound(32) == {kernel_caches.LRU: "32", kernel_caches.ONEDNN: "32"}
+    assert kernel_caches.bound(32, 128) == {kernel_caches.LRU: "32", kernel_caches.ONEDNN: "128"}
     monkeypatch.setenv(kernel_caches.ONEDNN, "512")  # an operator's own value wins
     monkeypatch.delenv(kernel_caches.LRU)
     assert kernel_caches.bound() == {kernel_caches.LRU: "64", kernel_caches.ONEDNN: "512"}
@@ -58,7 +58,9 @@ def test_bound_sets_both_caches_where_the_environment_does_not(unset, monkeypatc
 @pytest.mark.parametrize("capacity", [0, -1, 1.5, "64"])
 def test_bound_refuses_what_is_not_a_positive_count(unset, capacity):
     with pytest.raises(ValueError, match="capacity"):
-        kernel_caches.bound(capacity)  # ideep refuses 0 at its first matmul: better here, at start
+        kernel_caches.bound(capacity)
+    with pytest.raises(ValueError, match="capacity"):
+        kernel_caches.bound(primitives=capacity)
 
 
 def test_app_main_bounds_the_caches_before_the_model_is_built(unset, monkeypatch):
@@ -73,7 +75,7 @@ def test_app_main_bounds_the_caches_before_the_model_is_built(unset, monkeypatch
     monkeypatch.setattr(app_module, "build_demo", build_demo)
     with pytest.raises(SystemExit):
         app_module.main([])
-    assert seen == {name: str(kernel_caches.DEFAULT_CAPACITY) for name in NAMES}
+    assert seen == {kernel_caches.LRU: "64", kernel_caches.ONEDNN: "256"}
 
 
 def _growth(mode: str) -> float:
