@@ -16,6 +16,10 @@ Reports requests served, errors by kind, answers equal to alone (sampled), the s
 50% and 100% of the requests (goals: RSS growth under 5% after the first 10%, thread count flat), and the unhandled
 exceptions in the server's log (goal: none). Exits non-zero when an unexpected error, a changed answer or an
 unhandled exception is seen. Bounded in count and time.
+
+``--session-capacity`` is the app's: Gradio keeps every visitor's session (~0.35 MiB; one per vanished visitor) up to
+that many, or an hour. At the default 256 the store is still filling after 2,000 requests (16 visitors + ~226 who
+vanished), which is most of the growth left (README); a small one (32) fills within the first 10%.
 """
 
 from __future__ import annotations
