@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import blipdemo
-from blipdemo import allocator, gpu
+from blipdemo import allocator, gpu, kernel_caches
 from blipdemo.loading import CheckpointUnavailable
 from blipdemo.tiny import EMBEDDED_MODEL
 from blipdemo.ui import CSS, Demo
@@ -233,6 +233,8 @@ def main(argv=None) -> None:
     # A server's C heap: few arenas, free pages handed back (allocator.py; measured by benchmarks/soak.py).
     allocator.limit_arenas()
     allocator.keep_trimmed()
+    # PyTorch's per-shape matmul caches, bounded before the first matmul (kernel_caches.py; soak.py measured them).
+    kernel_caches.bound()
     demo, _ = build_demo(args)
     demo.launch(**launch_options(args))
 

@@ -1,6 +1,7 @@
 """Soak: the app under long traffic — thousands of requests, Stops, vanishing visitors, hostile input — on loopback.
 
     python benchmarks/soak.py [--requests 2000] [--clients 16] [--max-batch-size 8] [--seed 5000]
+                              [--session-capacity 256]
 
 Starts `python app.py --max-batch-size N` (the embedded model) as a server process of its own, its log in a file, and
 sends ``--requests`` requests from ``--clients`` concurrent visitors, each request one of:
@@ -15,6 +16,10 @@ Reports requests served, errors by kind, answers equal to alone (sampled), the s
 50% and 100% of the requests (goals: RSS growth under 5% after the first 10%, thread count flat), and the unhandled
 exceptions in the server's log (goal: none). Exits non-zero when an unexpected error, a changed answer or an
 unhandled exception is seen. Bounded in count and time.
+
+``--session-capacity`` is the app's: Gradio keeps every visitor's session (~0.35 MiB; one per vanished visitor) up to
+that many, or an hour. At the default 256 the store is still filling after 2,000 requests (16 visitors + ~226 who
+vanished), which is most of the growth left (README); a small one (32) fills within the first 10%.
 """
 
 from __future__ import annotations
@@ -61,10 +66,10 @@ HOSTILE_VALUES = {  # /ask parameters → what the message must say
 LONG_INSTRUCTION = "Describe the image. " * 300  # over the app's 4,000 characters
 
 
-def start_server(port: int, batch: int, log: Path) -> subprocess.Popen:
+def start_server(port: int, batch: int, log: Path, sessions: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(ROOT / "app.py"), "--model", str(EMBEDDED_MODEL), "--port", str(port)]
-    command += ["--max-batch-size", str(batch), "--queue-size", "64"]
+    command += ["--max-batch-size", str(batch), "--queue-size", "64", "--session-capacity", str(sessions)]
     out = log.open("w")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -166,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--sample", type=float, default=0.1, help="share of chat answers compared with alone")
     parser.add_argument("--seed", type=int, default=5000)
+    parser.add_argument(
+        "--session-capacity",
+        type=int,
+        default=256,
+        help="the app's --session-capacity: Gradio keeps this many visitors' sessions (~0.35 MiB each)",
+    )
     parser.add_argument("--limit", type=float, default=3 * 3600, help="seconds at most, then the soak stops")
     args = parser.parse_args(argv)
     print(describe_machine(machine("cpu", torch.float32, (1024,))))
@@ -191,7 +202,7 @@ def soak(args, folder: Path) -> int:
 
     log = folder / "server.log"
     port = free_port()
-    server = start_server(port, args.max_batch_size, log)
+    server = start_server(port, args.max_batch_size, log, args.session_capacity)
     url = f"http://127.0.0.1:{port}/"
     results: list[dict] = []
     samples: dict[str, tuple[int, float]] = {}
@@ -259,7 +270,8 @@ def soak(args, folder: Path) -> int:
     kinds = Counter(r["kind"] for r in results)
     print(
         f"\nrequests: {len(results)} in {wall:.0f} s ({len(results) / wall:.1f}/s) from {args.clients} clients; "
-        f"max batch size {args.max_batch_size}; the server {'stayed up' if alive else 'DIED'}"
+        f"max batch size {args.max_batch_size}; session capacity {args.session_capacity}; "
+        f"the server {'stayed up' if alive else 'DIED'}"
     )
     print("| kind | sent | errors |\n|---|---|---|")
     for kind in ("chat", "stop", "vanish", "hostile"):
