@@ -9,8 +9,8 @@ convolution) goes to oneDNN through ideep, and two caches keep what was built fo
 - oneDNN's cache of primitives (the compiled kernels), one per process, 1,024 entries by default
   (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read once, at the process's first primitive).
 
-A server sees ever new shapes: a prefill is (rows × (queries + prompt + answer so far), width), and its length and
-row count change with every batch (a Stop, a regroup, a new visitor), and the maps' passes add their own. Until the
+A server sees ever new shapes: a prefill is (rows × (queries + prompt), width), and its length and row count change
+with every batch (a Stop, a request joining the batch, a new visitor), and the maps' passes add their own. Until the
 caches are full every new shape stays (``benchmarks/soak.py``: the server grew by ~0.45 MiB a Stop, native memory,
 at the default settings). A decoding step reuses a handful of shapes ((rows, width) against each weight), so small
 caches still hit on every step after the first. The two bounds differ because the costs do: an ideep miss only
