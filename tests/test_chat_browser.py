@@ -82,15 +82,15 @@ def test_edit_a_question_answers_the_chat_again_from_there(served, browser, size
     assert chat_texts(page) == [ex["question"], first, second_q, second]
 
     edited = "Where is the square?"
-    page.locator("#chat [data-testid=user]").first.hover()
-    page.locator("#chat button[aria-label=Edit]").first.click()
+    page.locator("#chat [data-testid=user]", has_text=ex["question"]).hover()
+    page.locator("#chat button[aria-label=Edit]").first.click()  # the first question's (a picture has none)
     page.locator("#chat textarea.edit-textarea").fill(edited)
     page.locator("#chat button[aria-label=Submit]").first.click()
     new_first = answer(vlm, image, edited)
     new_second = answer(vlm, image, second_q, [(edited, new_first)])
-    page.wait_for_function(
-        "q => document.querySelector('#chat [data-testid=user]')?.innerText.trim() === q", arg=edited, timeout=30_000
-    )
+    deadline = time.time() + 30
+    while chat_texts(page)[:1] != [edited] and time.time() < deadline:
+        time.sleep(0.1)
     read_answer(page, new_second, turns=2)
     assert chat_texts(page) == [edited, new_first, second_q, new_second]
     assert bot_messages(page).count() == 2
@@ -177,4 +177,46 @@ def test_rate_and_flag_answers_into_the_log(served, browser, feedback_dir, size)
     assert [p.name for p in saved if p.stem == digest] == [f"{digest}.png"], "the picture is saved once, by its hash"
     assert (feedback_dir / "images" / f"{digest}.png").read_bytes() == image.read_bytes()
     assert not toasts(page)
+    page.close()
+
+
+def upload_picture(page, path) -> None:
+    """Put another picture in the image box, as a person does: remove the one there, choose a file."""
+    remove = page.locator("#image button[aria-label='Remove Image']")
+    if remove.count():
+        remove.first.click()
+    page.locator("#image input[type=file]").set_input_files(str(path))
+
+
+def chat_pictures(page) -> int:
+    return page.locator("#chat [data-testid=user] img").count()
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_change_the_picture_mid_chat(served, browser, size):
+    """A turn about one picture, then another picture in the same chat: its thumbnail joins the chat under the earlier
+    turn (which stays), and the next question is answered about the new picture alone — as the library answers it
+    with no history — not with the turn about the other picture as history."""
+    vlm, url = served
+    page = open_app(browser, url, *WIDTHS[size])
+    first_ex, second_ex = example(2), example(3)
+    click_example(page, 2)
+    first = ask(page, first_ex["question"], 1)
+    page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=user] img').length == 1")
+    upload_picture(page, EXAMPLES / second_ex["image"])
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat [data-testid=user] img').length == 2", timeout=30_000
+    )
+    question = "What color is the triangle?"
+    second = ask(page, question, 2)
+    assert second == answer(vlm, EXAMPLES / second_ex["image"], question)
+    assert chat_texts(page) == [first_ex["question"], first, question, second], "the earlier turn stays"
+    # Which picture each turn was about: the thumbnails sit before their turns.
+    order = page.evaluate(
+        "() => [...document.querySelectorAll('#chat [data-testid=user], #chat [data-testid=bot]')]"
+        ".map(e => e.querySelector('img') ? 'picture' : e.dataset.testid)"
+    )
+    assert order == ["picture", "user", "bot", "picture", "user", "bot"]
+    assert not toasts(page)
+    page.screenshot(path=str(app_module.HERE / "artifacts" / f"picture-change-{size}.png"), full_page=True)
     page.close()

@@ -25,7 +25,9 @@ from ..heatmap import legend_css
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
 from .feedback import FEEDBACK_OPTIONS, Ratings
 from .maps import ALL, METHODS, SHOW_MAPS, MapsPanel, shown_only_with
+from .pictures import with_picture
 
+NO_EARLIER_TURNS = "—"  # an example with no earlier turns (its table cell); see ``Demo.examples``
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
 TEMPLATE_LABEL = 'Wrap as "Question: … Answer:" (off: the prompt goes to the model exactly as typed, e.g. "a photo of")'
@@ -43,6 +45,9 @@ CSS = """
 /* The query gallery: as many columns as fit (Gradio's fixed count overflows a narrow column), no blank below. */
 #queries .grid-container {grid-template-columns: repeat(auto-fill, minmax(84px, 1fr))}
 #queries .fixed-height {min-height: 0}
+/* A picture that joined the chat: a thumbnail, enough to tell which picture the turns below it are about. */
+#chat .user-row .component {max-width: 120px; min-height: 0}
+#chat .user-row .component img {max-height: 96px; width: auto; object-fit: contain}
 @media (max-width: 640px) {
   .compact-row {flex-wrap: wrap}
   .compact-row button {min-width: 30% !important; flex: 1 1 30% !important}
@@ -122,21 +127,28 @@ class Demo:
         )
 
     def examples(self) -> list[list[str]]:
-        """[image path, question, earlier turns as text] per example of the manifest (earlier turns: "" or
-        ``earlier_turns_text`` of the example's "history")."""
+        """[image path, question, earlier turns as text] per example of the manifest (earlier turns:
+        ``earlier_turns_text`` of the example's "history", or NO_EARLIER_TURNS: never empty, which tells the picture's
+        change handler that an example, not an upload, brought the picture)."""
         if not self.examples_dir or not (self.examples_dir / "examples.json").is_file():
             return []
         manifest = json.loads((self.examples_dir / "examples.json").read_text())
         return [
-            [str(self.examples_dir / e["image"]), e["question"], earlier_turns_text(e.get("history", []))]
+            [
+                str(self.examples_dir / e["image"]),
+                e["question"],
+                earlier_turns_text(e.get("history", [])) or NO_EARLIER_TURNS,
+            ]
             for e in manifest
         ]
 
     @staticmethod
-    def new_chat(earlier: str | None = None):
-        """A new image starts a new chat — with the earlier turns of the example that brought it, if any — and keeps
-        the instruction (an example fills both at once); the last answer's maps go, and the explorer closes."""
-        chat = [
+    def new_chat(earlier: str | None = None, picture: dict | None = None):
+        """A new chat — with ``picture`` (a picture message) and then the earlier turns of the example that brought
+        it, if any — keeping the instruction (an example fills both at once); the last answer's maps go, and the
+        explorer closes."""
+        chat = [picture] if picture else []
+        chat += [
             {"role": role, "content": text}
             for question, answer in parse_earlier_turns(earlier)
             for role, text in (("user", question), ("assistant", answer))
@@ -145,6 +157,24 @@ class Demo:
         empty = shown_only_with(None)
         words = gr.update(choices=[], value=None)
         return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS
+
+    async def picture_changed(self, image, chat, earlier):
+        """The picture changed. From an example (``earlier`` is set, if only to NO_EARLIER_TURNS): a new chat, as
+        the example shows it. Otherwise (an upload, a paste, the webcam): the picture joins this chat, the turns
+        before it kept on screen but no longer the model's history, and the last answer's maps go (they are about
+        the other picture). Removed, or unreadable: the chat stays as it is (Send says what is wrong)."""
+        if earlier:
+            chat = await with_picture([], image)
+            return self.new_chat(earlier, chat[0] if chat else None)
+        joined = await with_picture(chat, image)
+        if joined is None:
+            return (gr.skip(),) * 10
+        return joined, *self.new_chat()[1:]
+
+    async def clear(self, image):
+        """Clear: a new chat about the current picture, the instruction box emptied."""
+        chat = await with_picture([], image)
+        return "", *self.new_chat(None, chat[0] if chat else None)
 
     def map_settings(self) -> list:
         """The map settings' controls: the method, and the layer and head of each hop (ALL: their mean)."""
@@ -327,8 +357,9 @@ class Demo:
                 chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
             fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps]
-            image.change(self.new_chat, earlier, fresh, **private)
-            clear.click(lambda: ("", *self.new_chat()), None, [instruction, *fresh], **private)
+            # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
+            image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
+            clear.click(self.clear, image, [instruction, *fresh], **checking)
 
             # Named API endpoints: image and instruction first, every other parameter defaulted. The options are
             # plain numbers (not the sliders) so that our validator, which names the parameter and its range,
