@@ -16,6 +16,7 @@ from served import serve
 
 import app as app_module
 from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
+from blipdemo.ui.conversations import MAX_IMPORT_BYTES
 
 pytestmark = pytest.mark.browser
 EXAMPLES = app_module.ASSETS / "examples"
@@ -57,7 +58,9 @@ def chat_texts(page) -> list[str]:
     """The chat's text messages as a person reads them, top to bottom (pictures left out)."""
     return page.evaluate(
         "() => [...document.querySelectorAll('#chat [data-testid=user], #chat [data-testid=bot]')]"
-        ".filter(e => !e.querySelector('img')).map(e => e.innerText.trim())"
+        ".filter(e => !e.querySelector('img'))"
+        ".filter(e => !/component of type|file of extension/.test(e.getAttribute('aria-label')))"
+        ".map(e => e.innerText.trim())"
     )
 
 
@@ -219,4 +222,181 @@ def test_change_the_picture_mid_chat(served, browser, size):
     assert order == ["picture", "user", "bot", "picture", "user", "bot"]
     assert not toasts(page)
     page.screenshot(path=str(app_module.HERE / "artifacts" / f"picture-change-{size}.png"), full_page=True)
+    page.close()
+
+
+def side_panel_open(page) -> bool:
+    return page.locator("#side.open").count() == 1
+
+
+def open_side_panel(page) -> None:
+    """Open the conversations panel, as a person does (its toggle), if it is closed; wait until it has slid in."""
+    if not side_panel_open(page):
+        page.locator("button[aria-label='Toggle Sidebar']").click()
+    page.wait_for_function(
+        "() => { const r = document.querySelector('#conversations').getBoundingClientRect();"
+        " return r.left >= 0 && r.right <= window.innerWidth; }",
+        timeout=10_000,
+    )
+
+
+def close_side_panel(page) -> None:
+    if side_panel_open(page):
+        page.locator("button[aria-label='Toggle Sidebar']").click()
+        page.wait_for_selector("#side:not(.open)", timeout=10_000)
+
+
+def import_file(page, path) -> None:
+    """Press Import and choose ``path`` in the file chooser, as a person does."""
+    with page.expect_file_chooser(timeout=10_000) as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(path))
+
+
+def kept_titles(page) -> list[str]:
+    return [t.strip() for t in page.locator("#conversations label").all_inner_texts()]
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_conversations_kept_in_the_browser(served, browser, size):
+    """Two chats: both listed in the side panel (newest first), still there after a reload (the browser keeps them);
+    the older one reopened with its picture and continued; one deleted."""
+    vlm, url = served
+    context = browser.new_context(viewport=dict(zip(("width", "height"), WIDTHS[size], strict=True)))
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    a, b = example(1), example(4)
+    click_example(page, 1)
+    said_a = ask(page, a["question"], 1)
+    click_example(page, 4)
+    ask(page, b["question"], 1)
+    open_side_panel(page)
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 2", timeout=20_000)
+    assert kept_titles(page) == [b["question"], a["question"]]
+
+    page.reload()  # nothing on the server: the list comes back from the browser
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    open_side_panel(page)
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 2", timeout=20_000)
+    page.locator("#conversations label", has_text=a["question"]).click()
+    page.wait_for_function(
+        "q => [...document.querySelectorAll('#chat [data-testid=user]')].some(e => e.innerText.trim() === q)",
+        arg=a["question"],
+        timeout=20_000,
+    )
+    assert chat_texts(page) == [a["question"], said_a]
+    assert page.locator("#image img").count() == 1, "the picture comes back with the chat"
+    if size == "phone":  # the panel covers the page on a phone: close it to go on
+        close_side_panel(page)
+    follow_up = "What color is the circle?"
+    said = ask(page, follow_up, 2)
+    assert said == answer(vlm, EXAMPLES / a["image"], follow_up, [(a["question"], said_a)])
+    assert chat_texts(page) == [a["question"], said_a, follow_up, said]
+
+    open_side_panel(page)
+    page.locator("#conversations label", has_text=b["question"]).click()
+    page.locator("#delete-conversation").click()
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 1", timeout=20_000)
+    assert kept_titles(page) == [a["question"]]
+    assert not toasts(page)
+    context.close()
+
+
+@pytest.mark.parametrize("size", WIDTHS)
+def test_export_and_import_a_conversation_and_go_on(served, browser, tmp_path, size):
+    """Export a chat (one JSON file, its picture inside), import it in a fresh browser, ask a follow-up: it is
+    answered about that picture, after the imported turn."""
+    vlm, url = served
+    viewport = dict(zip(("width", "height"), WIDTHS[size], strict=True))
+    context = browser.new_context(viewport=viewport, accept_downloads=True)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    ex = example(5)
+    click_example(page, 5)
+    said = ask(page, ex["question"], 1)
+    open_side_panel(page)
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length >= 1", timeout=20_000)
+    with page.expect_download(timeout=20_000) as download:
+        page.locator("#export").click()
+    exported = tmp_path / "exported.json"
+    download.value.save_as(exported)
+    record = json.loads(exported.read_text())
+    assert [m.get("content") for m in record["messages"] if "role" in m] == [ex["question"], said]
+    assert len(record["pictures"]) == 1
+    context.close()
+
+    context = browser.new_context(viewport=viewport)  # another browser: nothing kept there
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#instruction textarea", timeout=60_000)
+    open_side_panel(page)
+    assert kept_titles(page) == []
+    import_file(page, exported)
+    page.wait_for_function(
+        "q => [...document.querySelectorAll('#chat [data-testid=user]')].some(e => e.innerText.trim() === q)",
+        arg=ex["question"],
+        timeout=20_000,
+    )
+    assert chat_texts(page) == [ex["question"], said]
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 1", timeout=20_000)
+    if size == "phone":
+        close_side_panel(page)
+    follow_up = "Where is it?"
+    went_on = ask(page, follow_up, 2)
+    assert went_on == answer(vlm, EXAMPLES / ex["image"], follow_up, [(ex["question"], said)])
+    assert not toasts(page)
+    context.close()
+
+
+def test_bad_imports_say_why_and_break_nothing(served, browser, tmp_path):
+    """A file that is not ours, one too large, one whose picture cannot be decoded: a message each, the chat as it
+    was, and the next question still answered."""
+    vlm, url = served
+    page = open_app(browser, url)
+    ex = example(2)
+    click_example(page, 2)
+    said = ask(page, ex["question"], 1)
+    not_ours = tmp_path / "not-ours.json"
+    not_ours.write_text(json.dumps({"messages": [], "hello": 1}))
+    too_large = tmp_path / "large.json"
+    too_large.write_bytes(b" " * (MAX_IMPORT_BYTES + 10))
+    broken = tmp_path / "broken-picture.json"
+    broken.write_text(
+        json.dumps(
+            {
+                "format": "blipdemo-conversation",
+                "version": 1,
+                "id": "abc",
+                "pictures": {"k": "data:image/png;base64,aGVsbG8gdGhlcmU="},
+                "messages": [
+                    {"picture": "k"},
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "x"},
+                ],
+            }
+        )
+    )
+    open_side_panel(page)
+    for path, message in (
+        (not_ours, "not a conversation exported from this app"),
+        (too_large, "too large to be a conversation"),
+        (broken, "picture in this conversation cannot be read"),
+    ):
+        import_file(page, path)
+        try:
+            page.wait_for_function(
+                "t => [...document.querySelectorAll('.toast-body')].some(e => e.innerText.includes(t))",
+                arg=message,
+                timeout=30_000,
+            )
+        except Exception as e:  # playwright's TimeoutError: say what was on screen
+            raise AssertionError(f"{path.name}: no toast saying {message!r}; on screen: {toasts(page)}") from e
+        assert chat_texts(page) == [ex["question"], said], "the chat on screen is left as it was"
+        for close in page.locator(".toast-close").all():
+            close.click()
+    close_side_panel(page)
+    again = ask(page, "What shape is it?", 2)
+    assert again == answer(vlm, EXAMPLES / ex["image"], "What shape is it?", [(ex["question"], said)])
     page.close()

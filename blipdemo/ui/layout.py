@@ -23,10 +23,15 @@ from ..feedback import FeedbackLog
 from ..gpu import register
 from ..heatmap import legend_css
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
+from .conversations import new_id
 from .feedback import FEEDBACK_OPTIONS, Ratings
 from .maps import ALL, METHODS, SHOW_MAPS, MapsPanel, shown_only_with
 from .pictures import with_picture
+from .sidepanel import SidePanel
 
+# Where the browser keeps the visitor's conversations (localStorage), and the key Gradio encrypts them with there: a
+# fixed one, so that they can still be read after the app restarts (a random one each start would lose them all).
+BROWSER_KEY, BROWSER_SECRET = "blipdemo-conversations", "blipdemo-conversations-v1"
 NO_EARLIER_TURNS = "—"  # an example with no earlier turns (its table cell); see ``Demo.examples``
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
@@ -103,6 +108,7 @@ class Demo:
         self.panel = MapsPanel(vlm, self.generations)
         self.chat = Chat(vlm, self.generations, self.panel, history_turns)
         self.ratings = Ratings(FeedbackLog(feedback_dir), self.model_name()) if feedback_dir else None
+        self.side = SidePanel(self.model_name())
 
     def model_name(self) -> str:
         """The served checkpoint's name (a local folder: its last part, not the server's file system layout)."""
@@ -146,7 +152,7 @@ class Demo:
     def new_chat(earlier: str | None = None, picture: dict | None = None):
         """A new chat — with ``picture`` (a picture message) and then the earlier turns of the example that brought
         it, if any — keeping the instruction (an example fills both at once); the last answer's maps go, and the
-        explorer closes."""
+        explorer closes; a new conversation id (what the browser keeps it under)."""
         chat = [picture] if picture else []
         chat += [
             {"role": role, "content": text}
@@ -156,7 +162,7 @@ class Demo:
         hidden = gr.update(visible=False)
         empty = shown_only_with(None)
         words = gr.update(choices=[], value=None)
-        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS
+        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS, new_id()
 
     async def picture_changed(self, image, chat, earlier):
         """The picture changed. From an example (``earlier`` is set, if only to NO_EARLIER_TURNS): a new chat, as
@@ -168,8 +174,8 @@ class Demo:
             return self.new_chat(earlier, chat[0] if chat else None)
         joined = await with_picture(chat, image)
         if joined is None:
-            return (gr.skip(),) * 10
-        return joined, *self.new_chat()[1:]
+            return (gr.skip(),) * 11
+        return joined, *self.new_chat()[1:-1], gr.skip()  # the same conversation
 
     async def clear(self, image):
         """Clear: a new chat about the current picture, the instruction box emptied."""
@@ -198,6 +204,17 @@ class Demo:
         # decode the image (bombs are refused from the header), so a few at a time, beside the model's group.
         checking = {"api_visibility": "private", "concurrency_limit": 4, "concurrency_id": "check"}
         with gr.Blocks(title="blipdemo — chat about an image") as demo:
+            # The visitor's conversations, kept in their browser (nothing on the server): see ui/conversations.py.
+            kept = gr.BrowserState([], storage_key=BROWSER_KEY, secret=BROWSER_SECRET)
+            conversation = gr.State(new_id)  # the id the chat on screen is kept under
+            with gr.Sidebar(label="Conversations", open=False, elem_id="side"):
+                gr.Markdown("### Conversations\nKept in this browser only.", elem_id="side-title")
+                listed = gr.Radio([], label="Open one", elem_id="conversations")
+                delete = gr.Button("Delete the chosen one", size="sm", elem_id="delete-conversation")
+                export = gr.DownloadButton("Export this chat", size="sm", elem_id="export")
+                importer = gr.UploadButton(
+                    "Import a chat", file_types=[".json"], type="filepath", size="sm", elem_id="import"
+                )
             gr.Markdown(self.header(), elem_id="header")
             if self.notice:
                 gr.Markdown(self.notice, elem_id="banner")
@@ -352,14 +369,28 @@ class Demo:
             ]
             stop.click(c.stop, None, None, cancels=answering + remaps, **private)
             show_maps.change(p.toggle, [show_maps, explanation], [entry, explorer, open_maps], **private)
-            undo.click(c.undo, chat, [chat, instruction], **private)
+            undone = undo.click(c.undo, chat, [chat, instruction], **private)
             if self.ratings is not None:  # Gradio shows the rating buttons only to a chat with a like listener
                 chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
-            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps]
+            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps, conversation]
             # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
             image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
             clear.click(self.clear, image, [instruction, *fresh], **checking)
+
+            # Keeping: after every change of a chat's turns, the browser's list and the Export button's file.
+            keep = {"fn": self.side.keep, "inputs": [kept, conversation, chat], "outputs": [kept, listed, export]}
+            for step in [*answering, undone]:
+                step.then(**keep, **checking)
+            demo.load(self.side.listed, kept, listed, **private)
+            opened = [image, chat, conversation]
+            listed.select(self.side.open, [kept, listed], opened, **checking).then(
+                lambda: self.new_chat()[1:-1], None, fresh[1:-1], **private
+            )
+            delete.click(self.side.delete, [kept, listed, conversation], [kept, listed, conversation], **private)
+            importer.upload(self.side.load, importer, opened, **checking).then(
+                lambda: self.new_chat()[1:-1], None, fresh[1:-1], **private
+            ).then(**keep, **checking)
 
             # Named API endpoints: image and instruction first, every other parameter defaulted. The options are
             # plain numbers (not the sliders) so that our validator, which names the parameter and its range,
