@@ -70,6 +70,14 @@ FOCUS_ON_WIDE_SCREENS = """() => {
   if (window.innerWidth > 640) document.querySelector('#instruction textarea')?.focus({preventScroll: true});
 }"""
 
+# Esc stops the answer being made (as Stop does), wherever the focus is: people reach for it in every chat app.
+# Enter sends and Shift+Enter makes a new line already (Gradio's Textbox with lines=1, max_lines > 1).
+ESCAPE_STOPS = """() => {
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && !e.isComposing) document.querySelector('#stop')?.click();
+  });
+}"""
+
 
 class ImageInput(gr.Image):
     """gr.Image that hands over the uploaded file untouched: our loader (``images.load_image``) opens it, with
@@ -373,6 +381,7 @@ class Demo:
             if self.ratings is not None:  # Gradio shows the rating buttons only to a chat with a like listener
                 chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
+            demo.load(None, js=ESCAPE_STOPS)
             fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps, conversation]
             # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
             image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
