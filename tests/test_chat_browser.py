@@ -299,6 +299,18 @@ def test_conversations_kept_in_the_browser(served, browser, size):
     page.locator("#delete-conversation").click()
     page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 1", timeout=20_000)
     assert kept_titles(page) == [a["question"]]
+
+    # The chat's own Clear (its trash button) starts a new conversation: the kept one is not overwritten.
+    close_side_panel(page)
+    page.locator("#chat button[aria-label='Clear']").click()
+    deadline = time.time() + 20
+    while chat_texts(page) and time.time() < deadline:
+        time.sleep(0.1)
+    assert chat_texts(page) == []
+    ask(page, "How many shapes are there?", 1)
+    open_side_panel(page)
+    page.wait_for_function("() => document.querySelectorAll('#conversations label').length == 2", timeout=20_000)
+    assert kept_titles(page) == ["How many shapes are there?", a["question"]]
     assert not toasts(page)
     context.close()
 

@@ -124,3 +124,18 @@ def test_the_browser_list_keeps_the_newest_first_and_at_most_max_kept():
     kept = cv.kept_with(kept, {"id": "c5", "title": "again"})
     assert kept[0] == {"id": "c5", "title": "again"} and sum(r["id"] == "c5" for r in kept) == 1
     assert cv.choices(kept)[0] == ("again", "c5")
+
+
+def test_history_is_the_turns_about_the_current_picture(tmp_path):
+    """The model's history after a picture change: the turns since the current picture joined, none from before."""
+    from blipdemo.ui.chat import Chat
+    from blipdemo.ui.messages import current_context
+
+    chat, _ = a_chat(tmp_path)
+    assert turns_of(current_context(chat)) == [("And now?", "blue")]
+    assert turns_of(current_context(chat[:3])) == [("What color is it?", "red")]
+    assert turns_of(current_context(chat[:4])) == [], "a picture just joined: no history"
+    # Undo takes the last turn back (its question to the box); a picture that came after it stays.
+    undone, question = Chat.undo(chat[:4])
+    assert question == "What color is it?" and [m["role"] for m in undone] == ["user", "user"]
+    assert picture_path(undone[-1]) == picture_path(chat[3])

@@ -386,6 +386,8 @@ class Demo:
             # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
             image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
             clear.click(self.clear, image, [instruction, *fresh], **checking)
+            # The chat's own trash button too: a new conversation, so that the kept one is not overwritten by the next.
+            chat.clear(self.clear, image, [instruction, *fresh], **checking)
 
             # Keeping: after every change of a chat's turns, the browser's list and the Export button's file.
             keep = {"fn": self.side.keep, "inputs": [kept, conversation, chat], "outputs": [kept, listed, export]}
