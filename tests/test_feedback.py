@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -98,18 +97,18 @@ def test_the_command_prints_the_summary(tmp_path):
         main(["summary", str(tmp_path / "nothing-here")])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def unwritable(tmp_path):
+    """A folder no one can write, root included: its parent is a file."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    return blocker / "log"
+
+
 def test_a_folder_that_cannot_be_written_is_said(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        problem = FeedbackLog(locked / "log").check()
-        assert problem and "cannot be written" in problem
-        with pytest.raises(OSError):
-            FeedbackLog(locked).write(LINE)
-    finally:
-        locked.chmod(0o700)
+    problem = FeedbackLog(unwritable(tmp_path)).check()
+    assert problem and "cannot be written" in problem
+    with pytest.raises(OSError):
+        FeedbackLog(unwritable(tmp_path)).write(LINE)
 
 
 def test_feedback_choices_become_ratings():
@@ -118,3 +117,26 @@ def test_feedback_choices_become_ratings():
     assert rating_of("") == ("withdrawn", None)
     assert rating_of(FLAG) == ("flag", None)
     assert rating_of(REASONS[0]) == ("dislike", REASONS[0])
+
+
+def test_the_app_goes_on_and_says_so_once_when_the_log_cannot_be_written(tmp_path, picture, caplog, monkeypatch):
+    """Ratings into a folder that cannot be written: one error in the server's log (at start), one message to a
+    visitor (the first rating), later ratings dropped quietly; nothing raises."""
+    import anyio
+    import gradio as gr
+
+    from blipdemo.ui.feedback import Ratings
+    from blipdemo.ui.messages import answer_message
+
+    with caplog.at_level("ERROR"):
+        ratings = Ratings(FeedbackLog(unwritable(tmp_path)), "m")
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "cannot be written" in caplog.records[0].message
+    chat = [{"role": "user", "content": "What color?"}, answer_message("red", {"num_beams": 5})]
+    said = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: said.append(message))  # the visitor's toast
+    for liked in (True, False, True):
+        like = gr.LikeData(None, {"index": 1, "value": "red", "liked": liked})
+        anyio.run(ratings.rate, like, chat, str(picture), None)
+    assert len(said) == 1 and "cannot be saved" in said[0]
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1, "the owner is told once"
