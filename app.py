@@ -145,6 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=_env("MAX_FILE_SIZE", "20mb"),
         help="largest upload [BLIPDEMO_MAX_FILE_SIZE; default 20mb]",
     )
+    p.add_argument(
+        "--feedback-dir",
+        default=_env("FEEDBACK_DIR"),
+        help="log each rating of an answer (like, dislike, flag) to ratings.jsonl in this folder, with the visitor's "
+        "picture saved beside it; off unless given (it stores visitors' pictures) [BLIPDEMO_FEEDBACK_DIR]",
+    )
     return p.parse_args(argv)
 
 
@@ -201,7 +207,13 @@ def build_demo(args: argparse.Namespace):
     vlm, banner = load_model(args)
     vlm.generation_time_limit = args.time_limit
     history_turns = args.history_turns if args.history_turns >= 0 else None  # None: as the model's config says
-    demo = Demo(vlm, notice=banner, examples_dir=ASSETS / "examples", history_turns=history_turns)
+    demo = Demo(
+        vlm,
+        notice=banner,
+        examples_dir=ASSETS / "examples",
+        history_turns=history_turns,
+        feedback_dir=args.feedback_dir,
+    )
     gpu.calibrate_leases(demo.generations.model_key)  # ZeroGPU: each call's lease from the model's measured costs
     # A batch of N rows needs N handlers waiting on the model at once, and a queue that can hold the next batch.
     concurrency = max(args.concurrency, vlm.max_batch_size)

@@ -111,6 +111,14 @@ def test_embed_speed_against_diffusers(tmp_path):
     )
 
 
+def test_picture_change(tmp_path):
+    """The README's table on a new picture mid-chat: a row per question family, a share per policy."""
+    stdout = run("benchmarks/picture_change.py", "--model", str(EMBEDDED_MODEL), "--scenes", "2")
+    assert "| question about the new picture (2 per family) | new context | labelled text | as if about B |" in stdout
+    for family in (*scenes.SINGLE_TURN, "\\*\\*all\\*\\*"):
+        assert re.search(rf"\| {family} \|( \**\d+\.\d%\** \|){{3}}", stdout), family
+
+
 def test_pointing_game(tmp_path):
     stdout = run("benchmarks/pointing_game.py", "--model", str(EMBEDDED_MODEL), "--scenes", "2")
     assert "| pointing game (2 fresh scenes, box + 15 px) | hit rate |" in stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
 
 import anyio
 import gradio as gr
@@ -26,6 +27,9 @@ from ..errors import UserError
 from ..images import ImageError
 from ..question import Question
 from .maps import MapsPanel
+from .messages import answer_message, current_context, is_picture, last_picture, picture_path, text_of, turns_of
+
+__all__ = ["BEAM", "SAMPLE", "Chat", "Rerun", "decoding_fields", "turns_of"]
 
 MAX_INSTRUCTION_CHARS = 4000
 BEAM, SAMPLE = "Beam search", "Nucleus sampling"
@@ -43,21 +47,6 @@ def decoding_fields(method, beams, max_new_tokens, min_new_tokens, top_p, temper
     else:
         raise ValueError(f"method must be {BEAM!r} or {SAMPLE!r}, got {method!r}")
     return options
-
-
-def turns_of(chat: list[dict] | None) -> list[tuple[str, str]]:
-    """Chatbot messages → (question, answer) pairs of finished turns."""
-    turns, question = [], None
-    for message in chat or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):  # Gradio may hand back structured content: keep the text parts
-            content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
-        if message.get("role") == "user":
-            question = content
-        elif message.get("role") == "assistant" and question is not None:
-            turns.append((question, content or ""))
-            question = None
-    return turns
 
 
 def earlier_turns_text(history) -> str:
@@ -78,6 +67,17 @@ def parse_earlier_turns(text: str | None) -> list[tuple[str, str]]:
 def _escaped(error: gr.Error) -> gr.Error:
     """A toast renders HTML, and our messages may quote a file's name."""
     return UserError(html.escape(error.message))
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """An edited question, checked: the chat from message ``index`` (the edited question) on is answered again, the
+    edited turn as ``question`` says, each later question with the same settings (``settings``: the template, the
+    decoding controls' values, the map settings' values or None) about its own picture."""
+
+    index: int
+    question: Question
+    settings: tuple
 
 
 class Chat:
@@ -114,7 +114,7 @@ class Chat:
             raise UserError(
                 f"The instruction is too long ({len(instruction):,} characters; at most {MAX_INSTRUCTION_CHARS:,})."
             )
-        history = turns_of(chat)
+        history = turns_of(current_context(chat))  # turns about an earlier picture are no history of this one
         if self.history_turns is not None:
             history = history[-self.history_turns :] if self.history_turns else []
         try:
@@ -138,18 +138,37 @@ class Chat:
         settings, after the turns before it."""
         chat = list(chat or [])
         turns = turns_of(chat)
-        if not turns:
+        if not turns or chat[-1].get("role") != "assistant":  # after a new picture, the last answer is about another
             raise UserError("There is no answer to regenerate yet.")
         return await self.check(image, turns[-1][0], chat[:-2], show_maps, template, *controls)
 
+    async def check_edit(self, edit: gr.EditData, image, chat, show_maps, template, *controls) -> Rerun | None:
+        """An edited question's first step: the edited text, checked as a question about the picture it was asked
+        about (the last picture message before it; the current picture if none). The chat from it on is answered
+        again by ``answer_edit``; the earlier turns stay. (``edit`` comes first: Gradio fills event data into
+        positional parameters only.)"""
+        chat = list(chat or [])
+        index = edit.index if edit is not None else None
+        if isinstance(index, list | tuple):
+            index = index[0]
+        if not isinstance(index, int) or not 0 <= index < len(chat) or chat[index].get("role") != "user":
+            return None
+        text = edit.value if isinstance(edit.value, str) else text_of(chat[index])
+        where = last_picture(chat, before=index)
+        picture = picture_path(chat[where]) if where is not None else image
+        question = await self.check(picture, text, chat[:index], show_maps, template, *controls)
+        maps = tuple(controls[8:]) if show_maps else None
+        return Rerun(index, question, (template, tuple(controls[:8]), maps))
+
     # ----------------------------------------------------------------------------------------------
     # Answering
-    async def respond(self, question: Question | None, chat, request: gr.Request = None):
+    async def respond(self, question: Question | None, chat, request: gr.Request = None, outcome: dict | None = None):
         """Append the turn, stream the answer into it, then (when the question asks for them) its attention maps.
 
         Nothing here raises: a failure gives the turn back, as it was typed, and shows its message. The outputs: the
         chat, the instruction box, the maps panel's (``MapsPanel.outputs``), and last the checked question's State,
-        emptied at the first update: the question (its picture among it) is not kept in the session once taken."""
+        emptied at the first update: the question (its picture among it) is not kept in the session once taken.
+        ``outcome`` (if given) gets ``"answered"``: whether the answer came."""
         if question is None:  # the check did not pass (its message is shown)
             return
         chat = list(chat or [])
@@ -157,17 +176,21 @@ class Chat:
         unchanged = (gr.skip(),) * (len(self.panel.outputs) + 1)
         session = getattr(request, "session_hash", None)
         ids = None
+        decoding = asdict(question.decoding)  # the answer carries what it was made with (a rating logs it)
+        outcome = {} if outcome is None else outcome
+        outcome["answered"] = False
         try:
-            turn = [*chat, asked, {"role": "assistant", "content": ""}]
+            turn = [*chat, asked, answer_message("", decoding)]
             yield turn, "", *unchanged[1:], None
             async for kind, value in self.generations.answers(session, question):
                 if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
-                    turn = [*chat, asked, {"role": "assistant", "content": value}]
+                    turn = [*chat, asked, answer_message(value, decoding)]
                     yield turn, "", *unchanged
                 elif kind == "ids":
                     ids = value
                 else:  # the maps: painted in a worker thread, at the size the page shows them
                     yield turn, "", *(await self.panel.show(question, ids, value)), gr.skip()
+            outcome["answered"] = True
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
             yield chat, question.instruction, *unchanged
@@ -179,14 +202,54 @@ class Chat:
         async for update in self.respond(question, list(chat)[:-2], request=request):
             yield update
 
+    async def answer_edit(self, rerun: Rerun | None, chat, request: gr.Request = None):
+        """Answer an edited question again, then each question after it in turn (each about its own picture, with the
+        settings of the edit); the turns before it stay. Outputs as ``respond``'s. A later question that cannot be
+        asked any more (its picture gone) ends it there, its text back in the box."""
+        if rerun is None:
+            return
+        original = list(chat or [])
+        if rerun.index >= len(original):  # the chat changed since the check
+            return
+        done: list[dict] = original[: rerun.index]
+        template, decoding, maps = rerun.settings
+        question: Question | None = rerun.question
+        later = original[rerun.index + 1 :]
+        while question is not None:
+            outcome: dict = {}
+            update = None
+            async for update in self.respond(question, done, request=request, outcome=outcome):
+                yield update
+            if not outcome["answered"] or update is None:
+                return
+            done = list(update[0])
+            question = None
+            while later and question is None:
+                message = later.pop(0)
+                if is_picture(message):
+                    done.append(message)
+                elif message.get("role") == "user":
+                    where = last_picture(done)
+                    picture = picture_path(done[where]) if where is not None else rerun.question.picture
+                    text = text_of(message) or ""
+                    try:
+                        question = await anyio.to_thread.run_sync(
+                            self.ask, picture, text, done, template, decoding, maps
+                        )
+                    except gr.Error as e:
+                        gr.Warning(html.escape(e.message), title="Could not answer")
+                        yield done, text, *(gr.skip(),) * (len(self.panel.outputs) + 1)
+                        return
+
     @staticmethod
     def undo(chat):
-        """Remove the last turn and put its question back in the box."""
+        """Remove the last turn (a picture that came after it stays) and put its question back in the box."""
         chat = list(chat or [])
-        turns = turns_of(chat)
-        if not turns:
+        answers = [i for i, m in enumerate(chat) if m.get("role") == "assistant" and i and not is_picture(chat[i - 1])]
+        if not answers:
             return chat, gr.skip()
-        return chat[:-2], turns[-1][0]
+        i = answers[-1]
+        return chat[: i - 1] + chat[i + 1 :], text_of(chat[i - 1])
 
     def stop(self, request: gr.Request) -> None:
         """The Stop button: ends this session's runs (answers and remaps)."""

@@ -19,11 +19,20 @@ import gradio as gr
 
 from ..control import Generations
 from ..decoding import INSTRUCTBLIP_DEFAULTS
+from ..feedback import FeedbackLog
 from ..gpu import register
 from ..heatmap import legend_css
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
+from .conversations import new_id
+from .feedback import FEEDBACK_OPTIONS, Ratings
 from .maps import ALL, METHODS, SHOW_MAPS, MapsPanel, shown_only_with
+from .pictures import with_picture
+from .sidepanel import SidePanel
 
+# Where the browser keeps the visitor's conversations (localStorage), and the key Gradio encrypts them with there: a
+# fixed one, so that they can still be read after the app restarts (a random one each start would lose them all).
+BROWSER_KEY, BROWSER_SECRET = "blipdemo-conversations", "blipdemo-conversations-v1"
+NO_EARLIER_TURNS = "—"  # an example with no earlier turns (its table cell); see ``Demo.examples``
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
 TEMPLATE_LABEL = 'Wrap as "Question: … Answer:" (off: the prompt goes to the model exactly as typed, e.g. "a photo of")'
@@ -41,6 +50,9 @@ CSS = """
 /* The query gallery: as many columns as fit (Gradio's fixed count overflows a narrow column), no blank below. */
 #queries .grid-container {grid-template-columns: repeat(auto-fill, minmax(84px, 1fr))}
 #queries .fixed-height {min-height: 0}
+/* A picture that joined the chat: a thumbnail, enough to tell which picture the turns below it are about. */
+#chat .user-row .component {max-width: 120px; min-height: 0}
+#chat .user-row .component img {max-height: 96px; width: auto; object-fit: contain}
 @media (max-width: 640px) {
   .compact-row {flex-wrap: wrap}
   .compact-row button {min-width: 30% !important; flex: 1 1 30% !important}
@@ -56,6 +68,14 @@ SCROLL_TO_MAP = "() => document.querySelector('#heatmap')?.scrollIntoView({block
 # the keyboard before the visitor has seen the page.
 FOCUS_ON_WIDE_SCREENS = """() => {
   if (window.innerWidth > 640) document.querySelector('#instruction textarea')?.focus({preventScroll: true});
+}"""
+
+# Esc stops the answer being made (as Stop does), wherever the focus is: people reach for it in every chat app.
+# Enter sends and Shift+Enter makes a new line already (Gradio's Textbox with lines=1, max_lines > 1).
+ESCAPE_STOPS = """() => {
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && !e.isComposing) document.querySelector('#stop')?.click();
+  });
 }"""
 
 
@@ -75,10 +95,17 @@ class Demo:
     """The app around one loaded model; ``build()`` returns the Gradio Blocks."""
 
     def __init__(
-        self, vlm, *, notice: str | None = None, examples_dir: Path | None = None, history_turns: int | None = None
+        self,
+        vlm,
+        *,
+        notice: str | None = None,
+        examples_dir: Path | None = None,
+        history_turns: int | None = None,
+        feedback_dir: str | Path | None = None,
     ) -> None:
         """``history_turns``: earlier turns put before a new question (0: none). None: what the model's config says
-        it was trained with (``"blipdemo": {"history_turns": N}``, as the embedded model's), else all that fit."""
+        it was trained with (``"blipdemo": {"history_turns": N}``, as the embedded model's), else all that fit.
+        ``feedback_dir``: where ratings are logged (``blipdemo.feedback``); None: no rating buttons."""
         self.vlm = vlm
         if history_turns is None:
             history_turns = (getattr(vlm.config, "blipdemo", None) or {}).get("history_turns")
@@ -88,6 +115,13 @@ class Demo:
         self.generations = Generations(register(vlm))
         self.panel = MapsPanel(vlm, self.generations)
         self.chat = Chat(vlm, self.generations, self.panel, history_turns)
+        self.ratings = Ratings(FeedbackLog(feedback_dir), self.model_name()) if feedback_dir else None
+        self.side = SidePanel(self.model_name())
+
+    def model_name(self) -> str:
+        """The served checkpoint's name (a local folder: its last part, not the server's file system layout)."""
+        name = str(self.vlm.load_info.get("name", "?"))
+        return Path(name).name if Path(name).is_dir() else name
 
     def header(self) -> str:
         info = self.vlm.load_info
@@ -100,30 +134,35 @@ class Demo:
             where = f"device map over {', '.join(devices)}"
         else:
             where = f"on {info.get('device', 'cpu')}"
-        name = str(info.get("name", "?"))
-        if Path(name).is_dir():  # a local folder: its name, not the server's file system layout
-            name = Path(name).name
+        name = self.model_name()
         return (
             f"### Chat about an image with `{name}`\n"
             f"{FAMILY_NAMES[self.vlm.family]} · {info.get('dtype')} · {quant} · {where}"
         )
 
     def examples(self) -> list[list[str]]:
-        """[image path, question, earlier turns as text] per example of the manifest (earlier turns: "" or
-        ``earlier_turns_text`` of the example's "history")."""
+        """[image path, question, earlier turns as text] per example of the manifest (earlier turns:
+        ``earlier_turns_text`` of the example's "history", or NO_EARLIER_TURNS: never empty, which tells the picture's
+        change handler that an example, not an upload, brought the picture)."""
         if not self.examples_dir or not (self.examples_dir / "examples.json").is_file():
             return []
         manifest = json.loads((self.examples_dir / "examples.json").read_text())
         return [
-            [str(self.examples_dir / e["image"]), e["question"], earlier_turns_text(e.get("history", []))]
+            [
+                str(self.examples_dir / e["image"]),
+                e["question"],
+                earlier_turns_text(e.get("history", [])) or NO_EARLIER_TURNS,
+            ]
             for e in manifest
         ]
 
     @staticmethod
-    def new_chat(earlier: str | None = None):
-        """A new image starts a new chat — with the earlier turns of the example that brought it, if any — and keeps
-        the instruction (an example fills both at once); the last answer's maps go, and the explorer closes."""
-        chat = [
+    def new_chat(earlier: str | None = None, picture: dict | None = None):
+        """A new chat — with ``picture`` (a picture message) and then the earlier turns of the example that brought
+        it, if any — keeping the instruction (an example fills both at once); the last answer's maps go, and the
+        explorer closes; a new conversation id (what the browser keeps it under)."""
+        chat = [picture] if picture else []
+        chat += [
             {"role": role, "content": text}
             for question, answer in parse_earlier_turns(earlier)
             for role, text in (("user", question), ("assistant", answer))
@@ -131,7 +170,25 @@ class Demo:
         hidden = gr.update(visible=False)
         empty = shown_only_with(None)
         words = gr.update(choices=[], value=None)
-        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS
+        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS, new_id()
+
+    async def picture_changed(self, image, chat, earlier):
+        """The picture changed. From an example (``earlier`` is set, if only to NO_EARLIER_TURNS): a new chat, as
+        the example shows it. Otherwise (an upload, a paste, the webcam): the picture joins this chat, the turns
+        before it kept on screen but no longer the model's history, and the last answer's maps go (they are about
+        the other picture). Removed, or unreadable: the chat stays as it is (Send says what is wrong)."""
+        if earlier:
+            chat = await with_picture([], image)
+            return self.new_chat(earlier, chat[0] if chat else None)
+        joined = await with_picture(chat, image)
+        if joined is None:
+            return (gr.skip(),) * 11
+        return joined, *self.new_chat()[1:-1], gr.skip()  # the same conversation
+
+    async def clear(self, image):
+        """Clear: a new chat about the current picture, the instruction box emptied."""
+        chat = await with_picture([], image)
+        return "", *self.new_chat(None, chat[0] if chat else None)
 
     def map_settings(self) -> list:
         """The map settings' controls: the method, and the layer and head of each hop (ALL: their mean)."""
@@ -155,6 +212,17 @@ class Demo:
         # decode the image (bombs are refused from the header), so a few at a time, beside the model's group.
         checking = {"api_visibility": "private", "concurrency_limit": 4, "concurrency_id": "check"}
         with gr.Blocks(title="blipdemo — chat about an image") as demo:
+            # The visitor's conversations, kept in their browser (nothing on the server): see ui/conversations.py.
+            kept = gr.BrowserState([], storage_key=BROWSER_KEY, secret=BROWSER_SECRET)
+            conversation = gr.State(new_id)  # the id the chat on screen is kept under
+            with gr.Sidebar(label="Conversations", open=False, elem_id="side"):
+                gr.Markdown("### Conversations\nKept in this browser only.", elem_id="side-title")
+                listed = gr.Radio([], label="Open one", elem_id="conversations")
+                delete = gr.Button("Delete the chosen one", size="sm", elem_id="delete-conversation")
+                export = gr.DownloadButton("Export this chat", size="sm", elem_id="export")
+                importer = gr.UploadButton(
+                    "Import a chat", file_types=[".json"], type="filepath", size="sm", elem_id="import"
+                )
             gr.Markdown(self.header(), elem_id="header")
             if self.notice:
                 gr.Markdown(self.notice, elem_id="banner")
@@ -177,7 +245,12 @@ class Demo:
                         elem_id="chat",
                         height=400,
                         placeholder="Upload an image or pick an example below, then ask about it.",
-                        buttons=["copy"],
+                        buttons=["copy", "copy_all"],  # an answer's text; the whole conversation
+                        editable="user",  # a question edited is answered again (``Chat.answer_edit``)
+                        # One bubble per message: a picture message beside a question would join its bubble, and
+                        # Gradio's edit mode cannot hold a picture (it edits text only).
+                        group_consecutive_messages=False,
+                        feedback_options=FEEDBACK_OPTIONS,  # shown only with a rating log (``chat.like`` below)
                     )
                     instruction = gr.Textbox(
                         label="Instruction",
@@ -287,6 +360,7 @@ class Demo:
                 (send.click, c.check, [image, instruction, chat, *settings_inputs], c.respond),
                 (instruction.submit, c.check, [image, instruction, chat, *settings_inputs], c.respond),
                 (regen.click, c.check_regenerate, [image, chat, *settings_inputs], c.regenerate),
+                (chat.edit, c.check_edit, [image, chat, *settings_inputs], c.answer_edit),
             ]
             answering = [
                 trigger(check, inputs, asked, **checking).success(answer, [asked, chat], reply, **model_private)
@@ -303,11 +377,31 @@ class Demo:
             ]
             stop.click(c.stop, None, None, cancels=answering + remaps, **private)
             show_maps.change(p.toggle, [show_maps, explanation], [entry, explorer, open_maps], **private)
-            undo.click(c.undo, chat, [chat, instruction], **private)
+            undone = undo.click(c.undo, chat, [chat, instruction], **private)
+            if self.ratings is not None:  # Gradio shows the rating buttons only to a chat with a like listener
+                chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
-            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps]
-            image.change(self.new_chat, earlier, fresh, **private)
-            clear.click(lambda: ("", *self.new_chat()), None, [instruction, *fresh], **private)
+            demo.load(None, js=ESCAPE_STOPS)
+            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps, conversation]
+            # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
+            image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
+            clear.click(self.clear, image, [instruction, *fresh], **checking)
+            # The chat's own trash button too: a new conversation, so that the kept one is not overwritten by the next.
+            chat.clear(self.clear, image, [instruction, *fresh], **checking)
+
+            # Keeping: after every change of a chat's turns, the browser's list and the Export button's file.
+            keep = {"fn": self.side.keep, "inputs": [kept, conversation, chat], "outputs": [kept, listed, export]}
+            for step in [*answering, undone]:
+                step.then(**keep, **checking)
+            demo.load(self.side.listed, kept, listed, **private)
+            opened = [image, chat, conversation]
+            listed.select(self.side.open, [kept, listed], opened, **checking).then(
+                lambda: self.new_chat()[1:-1], None, fresh[1:-1], **private
+            )
+            delete.click(self.side.delete, [kept, listed, conversation], [kept, listed, conversation], **private)
+            importer.upload(self.side.load, importer, opened, **checking).then(
+                lambda: self.new_chat()[1:-1], None, fresh[1:-1], **private
+            ).then(**keep, **checking)
 
             # Named API endpoints: image and instruction first, every other parameter defaulted. The options are
             # plain numbers (not the sliders) so that our validator, which names the parameter and its range,
