@@ -282,12 +282,14 @@ def test_a_stopped_row_leaves_at_once_its_slot_is_reused_and_the_others_answer_a
     first, t0 = _in_threads([lambda: vlm.ask(images[0], PROMPTS[0], **long)])
     assert feed.entered.wait(30)
     stream = vlm.stream(images[1], PROMPTS[1], stop_event=switch, **long)
-    results, threads = _in_threads([lambda: "".join(stream), lambda: vlm.ask(images[2], PROMPTS[2], **long)])
+    results, threads = _in_threads([lambda: "".join(stream)])
+    _wait_pending(vlm, 1)  # request 1 queued first: it gets the free slot, request 2 waits behind it
+    more, threads2 = _in_threads([lambda: vlm.ask(images[2], PROMPTS[2], **long)])
     _wait_pending(vlm, 2)
     feed.open()
-    for t in t0 + threads:
+    for t in t0 + threads + threads2:
         t.join(60)
-    assert first == [alone[0]] and results[1] == alone[2]  # complete, and as alone
+    assert first == [alone[0]] and more == [alone[2]]  # complete, and as alone
     assert 0 < len(results[0]) < len(alone[1])  # the stopped row's text ends early
     assert [kind for kind, _, _ in feed.calls[:7]] == ["prefill", "prefill", "step", "step", "step", "prefill", "step"]
     assert feed.calls[6][:2] == ("step", 2)  # request 2 in the stopped row's slot, beside request 0

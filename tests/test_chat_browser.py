@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import fields
 
 import pytest
 from browser import bot_messages, click_example, launch, open_app, read_answer, skip_without_browser, toasts
 from served import serve
 
 import app as app_module
-from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
+from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS, DecodingOptions
 from blipdemo.ui.conversations import MAX_IMPORT_BYTES
 
 pytestmark = pytest.mark.browser
@@ -165,7 +166,7 @@ def test_rate_and_flag_answers_into_the_log(served, browser, feedback_dir, size)
     lines = log_lines(feedback_dir, before + 3)[before:]
 
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    expected = {k: None for k in ("top_p", "temperature")} | PAGE_DEFAULTS
+    expected = {f.name: None for f in fields(DecodingOptions)} | PAGE_DEFAULTS  # every option, as the answer had them
     assert [(r["question"], r["answer"], r["rating"], r["reason"]) for r in lines] == [
         (ex["question"], first, "like", None),
         (second_q, second, "dislike", "Wrong about the picture"),
