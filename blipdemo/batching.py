@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .decode_loop import RunningBatch
+from .decode_loop import RunningBatch, eos_ids
 from .decoding import DecodingOptions
 from .question import Question
 
@@ -67,7 +67,6 @@ class Request:
     time_limit: float | None = None  # seconds of generation, counted from its prefill
     streamer: object | None = None  # a TextIteratorStreamer, for streaming callers
     ids: list[int] = field(default_factory=list)  # generated ids so far (EOS included when reached)
-    ended: bool = False  # its row is over (the batch goes on for the others)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _deadline: float | None = None
@@ -102,11 +101,6 @@ class _BeamStop(StoppingCriteria):
         request = self.request
         over = request.stopped() or (request._deadline is not None and time.monotonic() > request._deadline)
         return torch.full((input_ids.shape[0],), over, dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(generation_config) -> list[int]:
-    eos = generation_config.eos_token_id
-    return [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
 
 
 def run_batch(service, requests: list[Request]) -> None:
@@ -170,7 +164,7 @@ def _pad_id(service) -> int:
     gen_cfg = service.model.language_model.generation_config
     pad_id = service.tokenizer.pad_token_id
     if pad_id is None:
-        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (_eos_ids(gen_cfg) or [0])[0]
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos_ids(gen_cfg) or [0])[0]
     return pad_id
 
 
@@ -275,9 +269,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self.batch: RunningBatch | None = None  # the running batch of the current thread
-        self.admissions = 0  # prefills of newcomers, the rows they brought, beam searches run alone (tests read them)
-        self.rows = 0
-        self.alone = 0
+        self.alone = 0  # beam searches run alone (tests read it)
         after_fork_in_child(self, Scheduler._after_fork)
 
     def _after_fork(self) -> None:
@@ -353,8 +345,6 @@ class Scheduler:
                     self.alone += 1
                     run_alone(self.service, taken[0])
                 elif taken:  # newcomers: their prompts once, then they decode with the others
-                    self.admissions += 1
-                    self.rows += len(taken)
                     batch.admit(taken)
                 else:
                     batch.step()

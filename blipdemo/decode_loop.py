@@ -47,7 +47,8 @@ class Row:
     generator: torch.Generator | None = None  # the row's own draws (its seed); None: torch's global generator
 
 
-def _eos_ids(generation_config) -> list[int]:
+def eos_ids(generation_config) -> list[int]:
+    """The generation config's EOS ids as a list (none, one or several)."""
     eos = generation_config.eos_token_id
     return [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
 
@@ -93,8 +94,7 @@ class RunningBatch:
         # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, then goes).
         renamed = "cache" in inspect.signature(type(self.lm).forward).parameters
         self.cache_kwarg = "cache" if renamed else "past_key_values"
-        self.prefills = 0  # forward passes that computed prompts, and the decode steps (tests, benchmarks)
-        self.steps = 0
+        self.steps = 0  # decode steps so far (the batching benchmark's staggered arrivals count them)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -192,7 +192,6 @@ class RunningBatch:
             )
             new.mask = mask
             sequences = [ids[i : i + 1, mask[i].bool()] for i in range(len(requests))]  # [placeholders ; prompt]
-        self.prefills += 1
         new.cache = cache  # filled in place by the forward
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, V), as generate takes them
         del out
@@ -203,7 +202,7 @@ class RunningBatch:
             if request.options.seed is not None:
                 generator = torch.Generator(device=logits.device).manual_seed(request.options.seed)
             new.rows.append(
-                Row(request, sequence, processors, bool(config.do_sample), frozenset(_eos_ids(config)), generator)
+                Row(request, sequence, processors, bool(config.do_sample), frozenset(eos_ids(config)), generator)
             )
         new.tokens = self._choose(new.rows, logits)
         new._hand_out()
@@ -270,7 +269,6 @@ class RunningBatch:
                 or (request._deadline is not None and now > request._deadline)
             )
             if ended:
-                request.ended = True
                 request.finish()
             else:
                 keep.append(i)

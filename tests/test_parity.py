@@ -61,14 +61,17 @@ def test_forward_logits_match_reference_float32(loaded, checkpoint_dir, images, 
 
 @pytest.mark.parametrize("family,lm", COMBOS)
 def test_greedy_answers_equal_reference(loaded, checkpoint_dir, images, family, lm):
-    vlm = loaded(family, lm)
-    folder = checkpoint_dir(family, lm)
+    assert_greedy_answers_equal_reference(loaded(family, lm), checkpoint_dir(family, lm), images)
+
+
+def assert_greedy_answers_equal_reference(vlm, folder, images) -> None:
+    """Every image × prompt: our greedy answer equals the transformers reference's, and answers differ."""
     answers = set()
     for image in images:
         for prompt in PROMPTS:
             expected = reference_answer(folder, image, prompt, max_new_tokens=12, num_beams=1, do_sample=False)
             got = vlm.ask(image, prompt, max_new_tokens=12, num_beams=1, do_sample=False)
-            assert got == expected, (family, lm, prompt)
+            assert got == expected, (folder.name, prompt)
             answers.add(got)
     assert len(answers) > 1, "answers should depend on the image and the prompt"
 
