@@ -40,6 +40,10 @@ from .relevancy import check_differentiable, lm_modules, relevancy_hops
 from .teacher_forced import patch_grid, stop_if_set, teacher_forced
 
 METHODS = ("attention", "relevancy")  # raw attention (one pass), or gradient-weighted relevancy (relevancy.py)
+RELEVANCY_WITH_LOOK_CLOSER = (
+    "Maps of a look-closer answer are made with the attention method (relevancy maps cover one picture): choose "
+    "the attention method, or turn look-closer off."
+)
 AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
 
 
@@ -53,6 +57,25 @@ class MapSelection:
     lm_layers: tuple[int, ...]  # the LM's decoder layers (T5: its decoder blocks)
     lm_heads: tuple[int, ...]
     uniform_lm: bool = False  # aggregate "qformer": no LM hop, every query weighs the same
+
+
+@dataclass
+class CropMaps:
+    """The crop part of a look-closer answer's explanation: the box it looked closer at (in the picture's pixels), the
+    crop, each token's map over the crop, and how much of each token came from the crop (``share``: its LM attention
+    to the crop's queries over its attention to all queries; 1 when the answer read the crop alone)."""
+
+    box: tuple[int, int, int, int]
+    image: Image.Image = field(repr=False)
+    token_maps: np.ndarray = field(repr=False)  # (n_tokens, grid_h, grid_w) over the crop, each sums to 1
+    image_map: np.ndarray = field(repr=False)  # (grid_h, grid_w) over the crop, sums to 1
+    share: np.ndarray = field(repr=False)  # (n_tokens,) in [0, 1]
+    pictures: tuple[str, ...] = ("crop",)  # what the LM read, in order: ("crop",) or ("original", "crop")
+
+    def overlay(self, token: int | None = None, *, max_side: int | None = None) -> Image.Image:
+        """The map (of ``token``, or of the whole answer) over the crop, as ``Explanation.overlay`` paints it."""
+        heat = self.image_map if token is None else self.token_maps[token]
+        return paint(self.image, heat, max_side)
 
 
 @dataclass
@@ -72,6 +95,9 @@ class Explanation:
     query_weights: np.ndarray | None = field(default=None, repr=False)
     method: str = "attention"
     selection: MapSelection | None = None
+    # A look-closer answer: where it looked closer, and its maps over the crop. The maps above then cover the whole
+    # picture on a finer grid: the crop's share of each word placed inside the box, the picture's over all of it.
+    crop: CropMaps | None = field(default=None, repr=False)
 
     def words_in_region(self, box: Sequence[float]) -> np.ndarray:
         """The path backwards: for a region of the picture, one score per token (n_tokens,), the share of that
@@ -276,28 +302,40 @@ def explain_selections(
 
     ``stop``: checked before each method's pass and between relevancy's gradient chunks; set, it raises ``Stopped``
     (no pass is run when it is set from the start)."""
+    if inputs.crop is not None and any(s.method != "attention" for s in selections):
+        raise ValueError(RELEVANCY_WITH_LOOK_CLOSER)
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
     pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
     keep = [i for i, piece in enumerate(pieces) if piece]
     which = keep or list(range(len(pieces)))  # no visible token: the whole-answer map is that of them all
     hops = {}  # selection → (maps (len(which), P), query maps (Q, P), weights (len(which), Q))
+    crops = {}  # selection → its CropMaps (look-closer answers)
     for method in dict.fromkeys(s.method for s in selections):
         stop_if_set(stop)
         chosen = list(dict.fromkeys(s for s in selections if s.method == method))
         if method == "attention":
-            results = attention_hops(service, inputs, answer_ids, chosen)  # per selection: C (Q, P), R (n, Q)
+            results = attention_hops(service, inputs, answer_ids, chosen)  # per selection: C (V, Q, P), R (n, V*Q)
             for selection, (C, R) in zip(chosen, results, strict=True):
-                maps = (R.to(C.device) @ C)[which].cpu()  # every row, then the visible ones (as the maps always were)
-                hops[selection] = (maps, C.cpu(), R[which].cpu())
+                C, R = C.cpu(), R.cpu()
+                if inputs.crop is not None:
+                    crops[selection] = crop_maps(inputs.crop, C, R[which], keep)
+                    C = on_picture(inputs.crop, C, image_size=inputs.image.size)  # (V*Q, P'): over the picture
+                else:
+                    C = C[0]
+                maps = (R @ C)[which]  # every row, then the visible ones (as the maps always were)
+                hops[selection] = (maps, C, R[which])
         else:
             results = relevancy_hops(service, inputs, answer_ids, chosen, which, stop)  # R (n, Q), C (n, Q, P)
             for selection, (R, Cs) in zip(chosen, results, strict=True):
                 hops[selection] = (torch.einsum("tq,tqp->tp", R, Cs), Cs.mean(0), R)
     image = inputs.image
-    return [_explanation(text, pieces, keep, image, selection, *hops[selection]) for selection in selections]
+    return [
+        _explanation(text, pieces, keep, image, selection, *hops[selection], crop=crops.get(selection))
+        for selection in selections
+    ]
 
 
-def _explanation(text, pieces, keep, image, selection, maps, query_maps, weights) -> Explanation:
+def _explanation(text, pieces, keep, image, selection, maps, query_maps, weights, crop=None) -> Explanation:
     """The ``Explanation`` of one selection's maps (len(which), P), query maps (Q, P) and weights (len(which), Q)."""
     grid = patch_grid(maps.shape[-1])  # P columns: the image tokens less CLS, as the pass found them
     maps = maps.reshape(-1, *grid)  # (len(which), gh, gw)
@@ -312,6 +350,7 @@ def _explanation(text, pieces, keep, image, selection, maps, query_maps, weights
         query_weights=_rows_to_one(weights[: len(keep)].numpy(), axis=(1,)),
         method=selection.method,
         selection=selection,
+        crop=crop,
     )
 
 
@@ -322,22 +361,82 @@ def _rows_to_one(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
 
 
 def attention_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequence[MapSelection]) -> list:
-    """Raw attention, one teacher-forced pass; per selection (C (Q, P) where each query read the picture, R (n, Q) how
-    much each answer token's producing position attended to each query), over the selection's layers and heads."""
+    """Raw attention, one teacher-forced pass; per selection (C (V, Q, P) where each query of each picture read it —
+    V = 1, or 2 for a look-closer answer from the picture and its crop — and R (n, V*Q) how much each answer token's
+    producing position attended to each query), over the selection's layers and heads."""
     model = service.model
     modules = lm_attention_modules(model.language_model)
     forced = teacher_forced(
         service, inputs, answer_ids, model.qformer.cross_attention_modules(), modules, in_graph=False
     )
-    cross = list(forced.qformer.values())  # per cross-attention layer (1, nh, Q, 1 + P)
+    cross = list(forced.qformer.values())  # per cross-attention layer (V, nh, Q, 1 + P): V pictures read
     attentions = [forced.lm[m].cpu() for m in modules]  # per layer (1, nh, T, S)
-    q = model.config.num_query_tokens
+    q = model.config.num_query_tokens * forced.views  # every picture's queries, in turn
     return [
         (
-            query_image_maps(cross, forced.grid, layers=s.qformer_layers, heads=s.qformer_heads),
+            torch.stack(
+                [
+                    query_image_maps(
+                        [r[v : v + 1] for r in cross], forced.grid, layers=s.qformer_layers, heads=s.qformer_heads
+                    )
+                    for v in range(forced.views)
+                ]
+            ),  # (V, Q, P)
             token_query_weights(
                 attentions, forced.rows, q, "qformer" if s.uniform_lm else "mean", layers=s.lm_layers, heads=s.lm_heads
             ),
         )
         for s in selections
     ]
+
+
+def crop_maps(crop, C: torch.Tensor, R: torch.Tensor, keep: list[int]) -> CropMaps:
+    """The crop's own maps of a look-closer answer: C (V, Q, P) per picture read, R (n, V*Q) over the visible tokens
+    ``keep`` (or all, when none is visible)."""
+    v = crop.pictures.index("crop")
+    q = C.shape[1]
+    weights = R[:, v * q : (v + 1) * q]  # (n, Q): each token's attention to the crop's queries
+    share = (weights.sum(1) / R.sum(1).clamp_min(1e-30)).numpy().astype(np.float64)
+    maps = (weights @ C[v]).reshape(-1, *patch_grid(C.shape[-1])).numpy()  # (n, gh, gw)
+    n = len(keep) or len(maps)
+    whole = maps.mean(0).astype(np.float64)
+    return CropMaps(
+        box=tuple(crop.box),
+        image=crop.picture.image,
+        token_maps=_rows_to_one(maps[:n], axis=(1, 2)),
+        image_map=whole / max(whole.sum(), 1e-300),
+        share=share[:n],
+        pictures=crop.pictures,
+    )
+
+
+def on_picture(crop, C: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Every query's map over the whole picture on a grid ``f`` times finer (V*Q, f*gh * f*gw): the picture's queries
+    spread evenly over the finer cells, the crop's placed inside the box, each cell's mass shared among the finer
+    cells it overlaps. So the token maps (R @ these) say where in the picture a word looked, crop and picture alike."""
+    gh, gw = patch_grid(C.shape[-1])
+    width, height = image_size
+    x0, y0, x1, y1 = crop.box
+    f = int(min(6, max(1, round(min(width / max(x1 - x0, 1), height / max(y1 - y0, 1))))))  # the zoom, at most 6
+    fine_h, fine_w = f * gh, f * gw
+    out = []
+    for v, name in enumerate(crop.pictures):
+        maps = C[v].reshape(-1, gh, gw).double()  # (Q, gh, gw)
+        if name == "original":
+            spread = maps.repeat_interleave(f, 1).repeat_interleave(f, 2) / (f * f)
+        else:
+            along_y = torch.from_numpy(_overlap(y0, y1, gh, height, fine_h))  # (fine_h, gh)
+            along_x = torch.from_numpy(_overlap(x0, x1, gw, width, fine_w))  # (fine_w, gw)
+            spread = torch.einsum("ai,qij,bj->qab", along_y, maps, along_x)
+        out.append(spread.reshape(maps.shape[0], -1).float())
+    return torch.cat(out)  # (V*Q, fine_h * fine_w)
+
+
+def _overlap(start: float, end: float, cells: int, length: float, fine: int) -> np.ndarray:
+    """(fine, cells): the share of crop cell j (of ``cells`` equal cells spanning [start, end) px) that falls in fine
+    cell a (of ``fine`` equal cells spanning [0, length) px)."""
+    size = (end - start) / cells
+    lo = start + np.arange(cells) * size  # (cells,)
+    edges = np.arange(fine) * (length / fine)  # (fine,)
+    covered = np.minimum(edges[:, None] + length / fine, lo + size) - np.maximum(edges[:, None], lo)
+    return np.clip(covered, 0.0, None) / size

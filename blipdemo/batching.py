@@ -29,13 +29,17 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .decode_loop import RunningBatch, eos_ids
 from .decoding import DecodingOptions
-from .question import Question
+from .question import Picture, Question
+
+if TYPE_CHECKING:
+    from .look_closer import Crop
 
 
 @dataclass(eq=False)  # identity, as Request: field-wise == would compare tensors
@@ -49,11 +53,19 @@ class PreparedInputs:
     qformer_input_ids: torch.Tensor | None  # (1, Tq) InstructBLIP only
     max_new_tokens: int  # the answer room: the question's max_new_tokens, cut to what the LM's limit leaves
     pixel_values: torch.Tensor | None = None  # (1, 3, H, W), made at preparation only if the tokens were not cached
+    crop: Crop | None = None  # look-closer: where it looked (None: the picture alone)
 
     @property
     def image(self):
         """The upright RGB PIL picture, as the user gave it (size and orientation)."""
         return self.question.picture.image
+
+    def views(self) -> list[PreparedInputs | Picture]:
+        """What the LM reads, in order, one set of queries each: the picture (these inputs stand for it: their pixels
+        are made), and/or the look-closer crop (a ``Picture``)."""
+        if self.crop is None:
+            return [self]
+        return [self if view == "original" else self.crop.picture for view in self.crop.pictures]
 
 
 @dataclass(eq=False)  # identity: the scheduler finds requests in its lists (field-wise == would compare tensors)
@@ -132,32 +144,44 @@ def run_alone(service, request: Request) -> None:
 
 
 def model_inputs(service, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The LM's inputs for ``requests``' prompts, one row each: ``inputs_embeds`` (B, Q + T, D) and its mask
-    (B, Q + T) on the LM's input device, and for decoder-only LMs the matching ids (B, Q + T) with the image
-    placeholder at the query positions (the reference passes them: the repetition penalty sees the same ids).
+    """The LM's inputs for ``requests``' prompts, one row each: ``inputs_embeds`` (B, S, D) and its mask (B, S) on the
+    LM's input device, and for decoder-only LMs the matching ids (B, S) with the image placeholder at the query
+    positions (the reference passes them: the repetition penalty sees the same ids). A row is [queries ; prompt], with
+    one set of Q queries per picture it reads (``PreparedInputs.views``: the picture, a look-closer crop, or both).
     Decoder-only rows are left-padded, [pad ; queries ; prompt]; T5 rows right-padded, [queries ; prompt ; pad]."""
     model = service.model
-    image_embeds = service.image_tokens([r.inputs for r in requests])  # (B, N, Dv)
+    views = [r.inputs.views() for r in requests]
+    owners = [i for i, row in enumerate(views) for _ in row]  # view → its row
+    image_embeds = service.image_tokens([v for row in views for v in row])  # (V, N, Dv): every picture once
     qformer_ids = qformer_mask = None
     if model.family == "instructblip":
         qformer_pad = service.qformer_tokenizer.pad_token_id or 0
-        qformer_ids, qformer_mask = _pad([r.inputs.qformer_input_ids[0] for r in requests], qformer_pad, left=False)
-    query_embeds = model.query_outputs(image_embeds, qformer_ids, qformer_mask)  # (B, Q, Dq)
+        rows = [requests[i].inputs.qformer_input_ids[0] for i in owners]  # each view's queries read its instruction
+        qformer_ids, qformer_mask = _pad(rows, qformer_pad, left=False)
+    query_embeds = model.query_outputs(image_embeds, qformer_ids, qformer_mask)  # (V, Q, Dq)
     pad_id = _pad_id(service)
-    # Decoder-only LMs continue the sequence: pad on the left so every row's prompt ends at the last position.
+    placeholder = model.config.image_token_index
+    if placeholder is None:
+        placeholder = service.tokenizer.pad_token_id or 0
+    # Each row's [queries ; prompt] embeddings and ids, then padded: decoder-only LMs continue the sequence, so their
+    # rows are padded on the left (every prompt ends at the last position); T5's encoder rows on the right.
     left = not model.is_encoder_decoder
-    ids, mask = _pad([r.inputs.input_ids[0] for r in requests], pad_id, left=left)
-    embeds, _ = model.language_inputs(query_embeds, ids)  # (B, Q + T, D): [queries ; padded prompt]
-    num_queries = query_embeds.shape[1]
-    full_ids = None
-    if left:
-        # The queries sit between the padding and the prompt: [pad ; queries ; prompt], mask [0 ; 1 ; 1].
-        embeds = _queries_after_padding(embeds, mask, num_queries)
-        placeholder = model.config.image_token_index
-        if placeholder is None:
-            placeholder = service.tokenizer.pad_token_id or 0
-        full_ids = _ids_with_queries(ids, mask, num_queries, placeholder, pad_id).to(embeds.device)
-    return embeds, _mask_with_queries(mask, num_queries, left).to(embeds.device), full_ids
+    embeds, ids = [], []
+    for i, request in enumerate(requests):
+        prompt = request.inputs.input_ids  # (1, T)
+        mine = [v for v, owner in enumerate(owners) if owner == i]
+        queries = query_embeds[mine].reshape(1, -1, query_embeds.shape[-1])  # (1, kQ, Dq): its pictures' queries
+        row, _ = model.language_inputs(queries, prompt)  # (1, kQ + T, D)
+        embeds.append(row[0])
+        ids.append(torch.cat([torch.full((queries.shape[1],), placeholder, dtype=torch.long), prompt[0]]))
+    # Padding positions hold the pad token's embedding, as a padded batch of ids would give them (masked out).
+    pad_embed = model.language_inputs(query_embeds[:1, :0], torch.tensor([[pad_id]]))[0][0, -1]  # (D,)
+    full_ids, mask = _pad(ids, pad_id, left=left)
+    width = full_ids.shape[1]
+    batch = pad_embed.expand(len(requests), width, -1).clone()  # (B, S, D)
+    for i, row in enumerate(embeds):
+        batch[i, slice(width - len(row), width) if left else slice(0, len(row))] = row
+    return batch, mask.to(batch.device), full_ids.to(batch.device) if left else None
 
 
 def _pad_id(service) -> int:
@@ -214,39 +238,6 @@ def _pad(rows: list[torch.Tensor], value: int, *, left: bool) -> tuple[torch.Ten
         span = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, span], mask[i, span] = row, 1
     return ids, mask
-
-
-def _mask_with_queries(mask: torch.Tensor, num_queries: int, left: bool) -> torch.Tensor:
-    """The prompt mask (B, T) → the LM's mask (B, Q + T): queries count as real positions, next to their prompt."""
-    ones = torch.ones((mask.shape[0], num_queries), dtype=mask.dtype)
-    if not left:
-        return torch.cat([ones, mask], dim=1)  # [queries ; prompt ; pad]
-    padding = (mask == 0).sum(1).tolist()
-    out = torch.zeros((mask.shape[0], num_queries + mask.shape[1]), dtype=mask.dtype)
-    for i, n in enumerate(padding):
-        out[i, n:] = 1  # [pad ; queries ; prompt]
-    return out
-
-
-def _queries_after_padding(embeds: torch.Tensor, mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """language_inputs gives [queries ; pad ; prompt] (B, Q + T, D); move each row's padding to the front."""
-    out = torch.empty_like(embeds)
-    for i, n in enumerate((mask == 0).sum(1).tolist()):
-        out[i] = torch.cat(
-            [embeds[i, num_queries : num_queries + n], embeds[i, :num_queries], embeds[i, num_queries + n :]]
-        )
-    return out
-
-
-def _ids_with_queries(
-    ids: torch.Tensor, mask: torch.Tensor, num_queries: int, placeholder: int, pad: int
-) -> torch.Tensor:
-    """Left-padded prompt ids (B, T) → (B, Q + T): [pad ; placeholder × Q ; prompt], aligned with the embeddings."""
-    out = torch.full((ids.shape[0], num_queries + ids.shape[1]), pad, dtype=torch.long)
-    for i, n in enumerate((mask == 0).sum(1).tolist()):
-        out[i, n : n + num_queries] = placeholder
-        out[i, n + num_queries :] = ids[i, n:]
-    return out
 
 
 class SchedulerError(RuntimeError):

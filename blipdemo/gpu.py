@@ -36,6 +36,7 @@ from PIL import Image
 from .attention import Explanation
 from .batching import SchedulerError
 from .errors import UserError
+from .heatmap import reduced
 from .images import ImageError
 from .question import Question
 from .teacher_forced import Stopped
@@ -88,6 +89,7 @@ class Costs:
 DEFAULT_COSTS = Costs(start=2.0, per_token=0.05, per_beam_token=0.01, maps_per_token=0.02)
 LEASE_MARGIN = 1.5  # the measured costs times this, plus LEASE_FLOOR: a busy GPU or a long prompt still fits
 LEASE_FLOOR = 5  # seconds, on top of every lease (the worker's own start)
+LOOK_SIDE = 800  # px: a look-closer crop as it travels back (the page shows it smaller; remaps keep its model input)
 REMAP_SECONDS = 20  # one teacher-forced pass and, for relevancy, its backward passes: a small fixed lease
 CALIBRATE_SECONDS = 60  # the start-up measurement: a few short answers and their maps
 
@@ -98,7 +100,8 @@ def answer_seconds(model: str, question: Question) -> int:
     """How long ZeroGPU should hold a GPU for one answer (through ``lease_seconds``, ``spaces.GPU``'s duration): the
     question's room for new tokens at the measured per-token cost (more for beams), its maps, a margin — never more
     than the generation's time limit. ZeroGPU refuses a call that asks for more seconds than the visitor has left,
-    and schedules shorter ones first: ask for what the call needs."""
+    and schedules shorter ones first: ask for what the call needs. A look-closer question adds its look (the whole
+    look runs inside the same call)."""
     vlm = _models.get(model)
     costs = _costs.get(model, DEFAULT_COSTS)
     options = question.decoding.resolved(vlm.language_model.generation_config) if vlm is not None else {}
@@ -107,6 +110,10 @@ def answer_seconds(model: str, question: Question) -> int:
     seconds = costs.start + tokens * (costs.per_token + (beams - 1) * costs.per_beam_token)
     if question.maps is not None:
         seconds += tokens * costs.maps_per_token
+    if question.look_closer is not None:
+        # The look: its pass over the prompt (about a prefill) and the crop's ViT and prefill, each at most a start's
+        # cost; a "relative" map makes two passes, a "gradient" one a backward pass too: a third start.
+        seconds += costs.start * (2 if question.look_closer.map == "attention" else 3)
     limit = getattr(vlm, "generation_time_limit", None) or DEFAULT_TIME_LIMIT
     return int(min(math.ceil(LEASE_MARGIN * seconds) + LEASE_FLOOR, limit))
 
@@ -150,7 +157,8 @@ def answer(model: str, question: Question, run: str | None = None) -> Iterator[t
     """Generate the answer to a checked ``question`` (and its attention maps), yielding plain data.
 
     ``("text", the answer so far)`` as it grows (and unchanged as a heartbeat), then ``("ids", its token ids)``,
-    then, when the question asks for maps and the answer is not empty, ``("maps", its Explanation)`` without the
+    then for a look-closer answer that cropped ``("look", its look_closer.Crop)`` (a light copy), then, when the
+    question asks for maps and the answer is not empty, ``("maps", its Explanation)`` without the
     picture (the caller has it). ``run``: the run id whose switch (``switch``) stops it. An instruction too long for
     the model or an out-of-memory error is a ``UserError`` with a message for the user, raised here, in the caller's
     process (``on_gpu`` sends it back as an item).
@@ -229,12 +237,15 @@ def _answer(vlm, question: Question, stop: threading.Event) -> Iterator[tuple[st
             yield "text", text
         ids = generation.ids
         yield "ids", ids.tolist()
+        crop = generation.inputs.crop
+        if crop is not None:  # where it looked closer: a light copy (its model input kept, for remaps)
+            yield "look", replace(crop, picture=vlm.kept(crop.picture, LOOK_SIDE))
         if question.maps is not None and text.strip() and not stop.is_set():
             try:
                 explanation = vlm.explain_prepared(generation.inputs, ids, text.strip(), stop=stop)
             except Stopped:
                 return
-            yield "maps", replace(explanation, image=None)
+            yield "maps", light(explanation)
 
 
 def _remap(vlm, question: Question, ids: list[int], stop: threading.Event) -> Explanation | None:
@@ -244,7 +255,15 @@ def _remap(vlm, question: Question, ids: list[int], stop: threading.Event) -> Ex
             explanation = vlm.explain_prepared(inputs, torch.tensor(ids, dtype=torch.long), stop=stop)
         except Stopped:
             return None
-        return replace(explanation, image=None)
+        return light(explanation)
+
+
+def light(explanation: Explanation) -> Explanation:
+    """An explanation as it travels back: without the picture (the caller has it), a look-closer crop reduced."""
+    if explanation.crop is not None:
+        crop = replace(explanation.crop, image=reduced(explanation.crop.image, LOOK_SIDE))
+        explanation = replace(explanation, crop=crop)
+    return replace(explanation, image=None)
 
 
 def _measure(vlm, tokens: int) -> Costs:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from .attention import MapSelection
+    from .look_closer import Crop, LookCloser
 
 
 def content_key(image: Image.Image) -> str:
@@ -64,7 +65,8 @@ class Question:
     """One request, checked: build it with ``Service.question``, which validates every field against the model.
 
     ``maps``: the attention maps to make with the answer (an ``attention.MapSelection``: method, and the layers and
-    heads of each hop), or None for none."""
+    heads of each hop), or None for none. ``look_closer``: how to look closer (``look_closer.LookCloser``), or None
+    for the picture alone; ``crop``: a look already made for this question (a remap of its answer), used as it is."""
 
     picture: Picture
     instruction: str
@@ -72,3 +74,5 @@ class Question:
     template: bool = True  # BLIP-2: wrap in "Question: … Answer:"; False: the instruction exactly as written
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     maps: MapSelection | None = None
+    look_closer: LookCloser | None = None
+    crop: Crop | None = None

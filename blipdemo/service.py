@@ -18,20 +18,23 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
-from .attention import Explanation, MapSelection, explain_selections, map_selection
+from .attention import RELEVANCY_WITH_LOOK_CLOSER, Explanation, MapSelection, explain_selections, map_selection
 from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
 from .heatmap import reduced
 from .images import load_image
+from .look_closer import LookCloser, look
 from .model import VisionLanguageModel
 from .prompts import check_template, fit_history, normalize_history
 from .question import Picture, Question
+from .teacher_forced import Stopped
 
 MAX_BATCH_SIZE = 64
 STREAM_POLL = 1.0  # seconds: how often a stream with no heartbeat looks whether its scheduler is still alive
@@ -248,6 +251,7 @@ class Service:
         history: Sequence = (),
         template: bool = True,
         maps: MapSelection | dict | None = None,
+        look_closer: bool | dict | LookCloser = False,
         **decoding,
     ) -> Question:
         """Check a request against this model and make it the one value that travels down (``question.Question``).
@@ -255,7 +259,8 @@ class Service:
         ``image``: a path, PIL image, bytes, an array or a ``Picture`` (decoded here, once). ``history``: earlier
         (question, answer) turns or chat messages. ``template`` as in ``ask``. ``maps``: None (no maps), or the map
         options of ``attention.map_selection`` as a dict (method, layers and heads of each hop), or a
-        ``MapSelection``. ``decoding``: ``DecodingOptions`` fields. Every error a user can cause is raised here
+        ``MapSelection``. ``look_closer``: False, True, or a dict of ``look_closer.LookCloser`` fields (view, map).
+        ``decoding``: ``DecodingOptions`` fields. Every error a user can cause is raised here
         (``ValueError`` naming the parameter and its range, ``ImageError``, ``TypeError`` for an unknown option),
         the cheap checks before the image is decoded.
         """
@@ -270,12 +275,15 @@ class Service:
         if self.family == "instructblip" and not instruction.strip():
             raise ValueError("The instruction is empty: type a question or an instruction.")
         turns = tuple(normalize_history(history))
+        closer = LookCloser.of(look_closer)
         options = DecodingOptions.of(decoding)
         if isinstance(maps, dict):
             maps = map_selection(self.model, **maps)
         elif maps is not None and not isinstance(maps, MapSelection):
             raise ValueError(f"maps must be None, a dict of map options or a MapSelection, got {maps!r}")
-        return Question(Picture.of(image), instruction, turns, template, options, maps)
+        if closer is not None and maps is not None and maps.method != "attention":
+            raise ValueError(RELEVANCY_WITH_LOOK_CLOSER)
+        return Question(Picture.of(image), instruction, turns, template, options, maps, closer)
 
     def _limits(self) -> tuple[int, int]:
         """(LM token limit incl. queries and answer, Q-Former text limit)."""
@@ -291,16 +299,20 @@ class Service:
         # User text is plain text: "<image>", "</s>" or "[SEP]" typed in a question never become control tokens.
         return tokenizer(text, split_special_tokens=True)["input_ids"]
 
-    def prepare(self, question: Question) -> PreparedInputs:
+    def prepare(self, question: Question, stop: threading.Event | None = None) -> PreparedInputs:
         """Encode a checked question: the prompt ids that fit every limit (earlier turns dropped, oldest first, until
         they do; an instruction that alone does not fit is a ValueError) and the answer's room; the picture's pixels
-        only when its image tokens are not cached.
+        only when its image tokens are not cached. With ``look_closer``, the look too (``look_closer.look``: model
+        work, here in the caller's thread; ``stop`` set ends it with ``teacher_forced.Stopped``), unless the
+        question carries one already (``question.crop``).
 
         BLIP-2 wraps the instruction (stripped) in ``Question: … Answer:``; ``template=False`` sends it exactly as
         written (no strip, earlier turns as typed). InstructBLIP has no template.
         """
         lm_limit, q_limit = self._limits()
         num_queries = self.config.num_query_tokens
+        if question.look_closer is not None and question.look_closer.view == "both":
+            num_queries *= 2  # the original's queries, then the crop's
         max_new_tokens = question.decoding.max_new_tokens
         # Decoder-only LMs hold queries, prompt and answer in one sequence; reserve room for the answer.
         reserve = 0 if self.is_encoder_decoder else min(max_new_tokens, lm_limit // 2)
@@ -324,7 +336,7 @@ class Service:
         if not self.is_encoder_decoder:
             max_new_tokens = min(max_new_tokens, lm_limit - num_queries - len(encoded["lm"]))
         picture = question.picture
-        return PreparedInputs(
+        inputs = PreparedInputs(
             question=question,
             prompt=text,
             input_ids=torch.tensor([encoded["lm"]]),
@@ -333,6 +345,18 @@ class Service:
             # Resizing a large photo is work for the caller's thread, not the batch's (which other rows wait on).
             pixel_values=None if self.cached(picture) else self._pixels_of(picture),
         )
+        if question.crop is not None:
+            inputs.crop = question.crop
+        elif question.look_closer is not None:
+            try:
+                inputs.crop = look(self, inputs, question.look_closer, stop)
+            except Stopped:  # stopped before its look: the request ends at once, as any stopped request does
+                inputs.crop = None
+        crop = inputs.crop
+        if crop is not None and crop.picture.pixel_values is None and not self.cached(crop.picture):
+            # The crop's pixels too, here: the batch's thread only runs the ViT on them.
+            inputs.crop = replace(crop, picture=replace(crop.picture, pixel_values=self._pixels_of(crop.picture)))
+        return inputs
 
     def _request(self, inputs: PreparedInputs, stop_event=None, streamer=None) -> Request:
         return Request(
@@ -364,24 +388,34 @@ class Service:
     def answer_ids(self, question: Question) -> tuple[PreparedInputs, torch.Tensor]:
         """(the prepared inputs, the answer's token ids (1-D, special tokens included)) for a checked question."""
         inputs = self.prepare(question)
+        return inputs, self.generate_prepared(inputs)
+
+    def generate_prepared(self, inputs: PreparedInputs) -> torch.Tensor:
+        """The answer's token ids (1-D, special tokens included) for inputs ``prepare`` made (look-closer included)."""
         request = self._submit_and_wait(self._request(inputs))
-        return inputs, torch.tensor(request.ids, dtype=torch.long)
+        return torch.tensor(request.ids, dtype=torch.long)
 
     def generate_ids(
-        self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options
+        self, image, prompt: str, *, history: Sequence = (), template: bool = True, look_closer=False, **options
     ) -> torch.Tensor:
         """Token ids of the answer (1-D, special tokens included); arguments as in ``ask``."""
-        return self.answer_ids(self.question(image, prompt, history=history, template=template, **options))[1]
+        question = self.question(image, prompt, history=history, template=template, look_closer=look_closer, **options)
+        return self.answer_ids(question)[1]
 
-    def ask(self, image, prompt: str, *, history: Sequence = (), template: bool = True, **options) -> str:
+    def ask(
+        self, image, prompt: str, *, history: Sequence = (), template: bool = True, look_closer=False, **options
+    ) -> str:
         """Answer ``prompt`` about ``image``; ``history`` holds earlier (question, answer) turns.
 
         ``template``: BLIP-2 wraps each round in its VQA template ``Question: … Answer:`` (the prompt stripped);
         ``template=False`` sends the prompt exactly as written — a prefix to complete ("a photo of") or a template
         of the user's own — with earlier turns as typed ("question answer", joined by spaces). InstructBLIP has no
-        template, so the flag changes nothing there. ``options``: decoding options (see ``DecodingOptions``).
+        template, so the flag changes nothing there. ``look_closer``: True answers from a crop of the full-size picture
+        around where the model looks for this question (``look_closer.py``; a dict of ``LookCloser`` fields picks a
+        variant); a small picture is answered whole. ``options``: decoding options (see ``DecodingOptions``).
         """
-        return self.decode(self.generate_ids(image, prompt, history=history, template=template, **options))
+        ids = self.generate_ids(image, prompt, history=history, template=template, look_closer=look_closer, **options)
+        return self.decode(ids)
 
     def start(
         self, question: Question, *, stop_event: threading.Event | None = None, heartbeat: float | None = None
@@ -389,7 +423,7 @@ class Service:
         """Prepare a checked question now (an instruction too long for the model raises here) and return its
         ``Answer`` to iterate; after the iteration, ``answer.inputs`` and ``answer.ids`` let ``explain_prepared`` map
         it without preparing again. ``stop_event`` and ``heartbeat`` as in ``stream``."""
-        inputs = self.prepare(question)
+        inputs = self.prepare(question, stop_event)
         # The stream is read with a timeout even without heartbeats: a reader never waits on a dead scheduler.
         timeout = heartbeat or STREAM_POLL
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=timeout)
@@ -404,6 +438,7 @@ class Service:
         stop_event: threading.Event | None = None,
         heartbeat: float | None = None,
         template: bool = True,
+        look_closer=False,
         **options,
     ) -> Iterator[str]:
         """Yield the answer in text increments as it is generated (beam search: the final text once).
@@ -411,9 +446,9 @@ class Service:
         Closing the iterator (or setting ``stop_event``, which is only watched) stops this generation and no other.
         With ``heartbeat``, an empty increment ``""`` comes whenever nothing new arrived for that many seconds (a beam
         search sends nothing until its end), so that a reader that can only stop between items (a ZeroGPU worker)
-        can stop at any time. ``template`` as in ``ask``.
+        can stop at any time. ``template`` and ``look_closer`` as in ``ask`` (the look happens before the first piece).
         """
-        question = self.question(image, prompt, history=history, template=template, **options)
+        question = self.question(image, prompt, history=history, template=template, look_closer=look_closer, **options)
         yield from self.start(question, stop_event=stop_event, heartbeat=heartbeat)
 
     def explain(
@@ -424,6 +459,7 @@ class Service:
         history: Sequence = (),
         answer: str | None = None,
         template: bool = True,
+        look_closer=False,
         method: str = "attention",
         qformer_layers: Sequence[int] | int | None = None,
         qformer_heads: Sequence[int] | int | None = None,
@@ -437,7 +473,8 @@ class Service:
         are those of the model producing exactly that answer (one teacher-forced pass). ``template`` as in ``ask``.
         ``method``: "attention" (raw attention) or "relevancy" (gradient-weighted, ``relevancy.py``); the layers and
         heads of each hop: None = all (their mean), else a list of indices (negative from the end); checked before
-        any model work.
+        any model work. ``look_closer`` as in ``ask``: the maps then cover the picture and the crop
+        (``Explanation.crop`` says where it looked closer, and how much of each word came from the crop).
         """
         maps = {
             "method": method,
@@ -446,7 +483,9 @@ class Service:
             "lm_layers": lm_layers,
             "lm_heads": lm_heads,
         }
-        question = self.question(image, prompt, history=history, template=template, maps=maps, **options)
+        question = self.question(
+            image, prompt, history=history, template=template, maps=maps, look_closer=look_closer, **options
+        )
         if answer is None:
             inputs, ids = self.answer_ids(question)
             return self.explain_prepared(inputs, ids)

@@ -40,11 +40,12 @@ def patch_grid(patches: int) -> tuple[int, int]:
 class TeacherForced:
     """What one teacher-forced pass over an answer recorded, in the calling thread only."""
 
-    qformer: dict[torch.nn.Module, torch.Tensor]  # Q-Former attention module → its probabilities (1, nh, Tq, Tk)
+    qformer: dict[torch.nn.Module, torch.Tensor]  # Q-Former attention module → its probabilities (V, nh, Tq, Tk)
     lm: dict[torch.nn.Module, torch.Tensor]  # LM attention module → its weights (1, nh, T, S), float32
     rows: torch.Tensor  # (n,): position rows[t] of the LM's output produced answer token t
-    logits: torch.Tensor  # (1, S, V): decoder-only S = Q + T + n - 1 (queries, prompt, answer[:-1]); T5 S = n
+    logits: torch.Tensor  # (1, S, vocab): decoder-only S = V*Q + T + n - 1 (queries, prompt, answer[:-1]); T5 S = n
     grid: tuple[int, int]  # (gh, gw): the image tokens' patch grid
+    views: int = 1  # V: the pictures the LM read (PreparedInputs.views), Q queries each, in that order
 
 
 def teacher_forced(
@@ -72,11 +73,16 @@ def teacher_forced(
             modes.enter_context(torch.enable_grad())
         else:
             modes.enter_context(torch.inference_mode())
-        image_embeds = service.image_tokens([inputs])  # (1, 1 + P, Dv)
+        views = inputs.views()  # the pictures the LM reads: the picture, or a look-closer crop, or both
+        image_embeds = service.image_tokens(views)  # (V, 1 + P, Dv)
         if in_graph:  # the cached image tokens are inference tensors: a plain copy can enter a graph
             image_embeds = image_embeds.clone()
+        qformer_ids = inputs.qformer_input_ids
+        if qformer_ids is not None:
+            qformer_ids = qformer_ids.expand(len(views), -1)  # every picture's queries read the instruction
         with recording(list(qformer_modules), in_graph=in_graph) as q_records:
-            query_embeds = model.query_outputs(image_embeds, inputs.qformer_input_ids)  # (1, Q, D)
+            query_embeds = model.query_outputs(image_embeds, qformer_ids)  # (V, Q, D)
+        query_embeds = query_embeds.reshape(1, -1, query_embeds.shape[-1])  # (1, V*Q, D): the pictures' in turn
         with lm_attention.recording(list(language_modules), in_graph=in_graph) as lm_records:
             if model.is_encoder_decoder:
                 embeds, mask = model.language_inputs(query_embeds, inputs.input_ids)
@@ -92,7 +98,7 @@ def teacher_forced(
                 ids = torch.cat([inputs.input_ids, answer[:, :-1]], dim=1)  # (1, T + n - 1)
                 embeds, mask = model.language_inputs(query_embeds, ids)
                 logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
-                first = model.config.num_query_tokens + inputs.input_ids.shape[1] - 1  # produced answer token 0
+                first = query_embeds.shape[1] + inputs.input_ids.shape[1] - 1  # produced answer token 0
                 rows = torch.arange(first, first + answer.shape[1])
     return TeacherForced(
         qformer={m: q_records[m][0] for m in qformer_modules},
@@ -100,4 +106,5 @@ def teacher_forced(
         rows=rows,
         logits=logits,
         grid=patch_grid(image_embeds.shape[1] - 1),
+        views=image_embeds.shape[0],
     )
