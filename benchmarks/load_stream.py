@@ -95,7 +95,9 @@ def one_turn(client: Client, image: Path, question: str, timeout: float) -> dict
     start = time.perf_counter()
     first = maps_at = None
     answer, heat = "", None
-    job = client.submit(handle_file(str(image)), question, [], True, True, *DECODING, *MAP_SETTINGS, api_name="/chat")
+    job = client.submit(
+        handle_file(str(image)), question, [], True, True, False, *DECODING, *MAP_SETTINGS, api_name="/chat"
+    )
     seen = 0
     while True:  # polled, not iterated: a turn whose stream never ends must still end here, at the timeout
         done = job.done()

@@ -103,7 +103,7 @@ class Visitor:
 
     def chat(self, image: Path, question: str, maps: bool) -> dict:
         job = self.client.submit(
-            handle_file(str(image)), question, [], maps, True, *ANSWER, *MAP_SETTINGS, api_name="/chat"
+            handle_file(str(image)), question, [], maps, True, False, *ANSWER, *MAP_SETTINGS, api_name="/chat"
         )
         outputs = list(job)
         final = (job.outputs() or outputs or [None])[-1]
@@ -113,7 +113,7 @@ class Visitor:
 
     def stop(self, image: Path, question: str) -> dict:
         job = self.client.submit(
-            handle_file(str(image)), question, [], True, True, *LONG, *MAP_SETTINGS, api_name="/chat"
+            handle_file(str(image)), question, [], True, True, False, *LONG, *MAP_SETTINGS, api_name="/chat"
         )
         for outputs in job:
             if text_of(outputs[0]):

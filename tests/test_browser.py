@@ -351,6 +351,7 @@ def test_a_failure_while_answering_gives_the_turn_back_with_its_message(served, 
     """The model runs out of memory mid-request: the message shows alone, the question is back in the box, the
     chat holds no half turn, and once memory is back the same click on Send is answered."""
     vlm, address = served
+
     def exhausted(*args, **kwargs):  # the LM's forward, which every decoding path calls
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 

@@ -291,7 +291,7 @@ def test_two_simultaneous_users_get_their_own_answer_and_heatmap(app, files):
         client = Client(url, verbose=False)
         # image, instruction, chat, show maps, template, options, map settings → chat, instruction, heat, …
         picture = handle_file(str(files[name]))
-        outputs = client.predict(picture, QUESTION, [], True, True, *options, *MAP_DEFAULTS, api_name="/chat")
+        outputs = client.predict(picture, QUESTION, [], True, True, False, *options, *MAP_DEFAULTS, api_name="/chat")
         chat_out, heat = outputs[0], outputs[2]
         content = chat_out[-1]["content"]  # Gradio returns message content as [{"type": "text", "text": …}]
         text = "".join(part["text"] for part in content) if isinstance(content, list) else content

@@ -235,7 +235,7 @@ def test_twenty_calls_in_a_row_run_on_one_reused_worker_with_bounded_memory(spac
         image, question = EXAMPLES / example["image"], example["question"]
         if i % 2:
             outputs = client.predict(
-                handle_file(str(image)), question, [], True, True, *api_decoding(), *attention, api_name="/chat"
+                handle_file(str(image)), question, [], True, True, False, *api_decoding(), *attention, api_name="/chat"
             )
             answer = outputs[0][-1]["content"][0]["text"]
             leases.append(answer_lease(reference, image, question, maps=MapsPanel.selection(*attention)))
@@ -362,7 +362,15 @@ def test_a_remap_after_an_answer_runs_on_the_same_worker_with_its_own_lease(spac
     attention, relevancy = ("Attention", ALL, ALL, ALL, ALL), ("Relevancy (gradients)", ALL, ALL, ALL, ALL)
     since = len(space.api.leases)
     chat = client.predict(
-        handle_file(str(image)), example["question"], [], True, True, *api_decoding(), *attention, api_name="/chat"
+        handle_file(str(image)),
+        example["question"],
+        [],
+        True,
+        True,
+        False,
+        *api_decoding(),
+        *attention,
+        api_name="/chat",
     )[0]
     assert chat[-1]["content"][0]["text"] == example["answer"]
 

@@ -26,6 +26,8 @@ from ..decoding import INSTRUCTBLIP_DEFAULTS
 from ..errors import UserError
 from ..images import ImageError
 from ..question import Question
+from .look import LABEL as LOOK_LABEL
+from .look import looked_closer
 from .maps import MapsPanel
 from .messages import answer_message, current_context, is_picture, last_picture, picture_path, text_of, turns_of
 
@@ -73,7 +75,7 @@ def _escaped(error: gr.Error) -> gr.Error:
 class Rerun:
     """An edited question, checked: the chat from message ``index`` (the edited question) on is answered again, the
     edited turn as ``question`` says, each later question with the same settings (``settings``: the template, the
-    decoding controls' values, the map settings' values or None) about its own picture."""
+    decoding controls' values, the map settings' values or None, the "Look closer" box) about its own picture."""
 
     index: int
     question: Question
@@ -99,12 +101,14 @@ class Chat:
         template,
         decoding: Sequence,
         maps: Sequence | None = None,
+        look_closer: bool = False,
     ) -> Question:
         """The controls' values → a checked ``Question``, or a ``UserError`` with a message for the user.
 
         ``chat``: the conversation so far (messages), whose finished turns (as many as ``history_turns``) come before
         the question; ``decoding``: the decoding controls' values (``decoding_fields``); ``maps``: the map settings'
-        values (``MapsPanel.selection``) when maps are on, else None. Decodes the image: call it in a worker thread.
+        values (``MapsPanel.selection``) when maps are on, else None; ``look_closer``: the "Look closer" box. Decodes
+        the image: call it in a worker thread.
         """
         if image is None:
             raise UserError("Upload an image first (or pick an example below).")
@@ -120,29 +124,39 @@ class Chat:
         try:
             selection = None if maps is None else self.panel.selection(*maps)
             return self.vlm.question(
-                image, instruction, history=history, template=template, maps=selection, **decoding_fields(*decoding)
+                image,
+                instruction,
+                history=history,
+                template=template,
+                maps=selection,
+                look_closer=bool(look_closer),
+                **decoding_fields(*decoding),
             )
         except (ImageError, ValueError, TypeError) as e:
             raise UserError(str(e)) from e
 
-    async def check(self, image, instruction, chat, show_maps, template, *controls) -> Question:
+    async def check(self, image, instruction, chat, show_maps, template, look_closer, *controls) -> Question:
         """The chat's first step: the question, checked (a bad request stops here, with its message alone)."""
         decoding, maps = controls[:8], (controls[8:] if show_maps else None)
         try:
-            return await anyio.to_thread.run_sync(self.ask, image, instruction, chat, template, decoding, maps)
+            return await anyio.to_thread.run_sync(
+                self.ask, image, instruction, chat, template, decoding, maps, look_closer
+            )
         except gr.Error as e:
             raise _escaped(e) from e
 
-    async def check_regenerate(self, image, chat, show_maps, template, *controls) -> Question:
+    async def check_regenerate(self, image, chat, show_maps, template, look_closer, *controls) -> Question:
         """Regenerate's first step: there must be an answer; the last question, asked again with the current
         settings, after the turns before it."""
         chat = list(chat or [])
         turns = turns_of(chat)
         if not turns or chat[-1].get("role") != "assistant":  # after a new picture, the last answer is about another
             raise UserError("There is no answer to regenerate yet.")
-        return await self.check(image, turns[-1][0], chat[:-2], show_maps, template, *controls)
+        return await self.check(image, turns[-1][0], chat[:-2], show_maps, template, look_closer, *controls)
 
-    async def check_edit(self, edit: gr.EditData, image, chat, show_maps, template, *controls) -> Rerun | None:
+    async def check_edit(
+        self, edit: gr.EditData, image, chat, show_maps, template, look_closer, *controls
+    ) -> Rerun | None:
         """An edited question's first step: the edited text, checked as a question about the picture it was asked
         about (the last picture message before it; the current picture if none). The chat from it on is answered
         again by ``answer_edit``; the earlier turns stay. (``edit`` comes first: Gradio fills event data into
@@ -156,9 +170,9 @@ class Chat:
         text = edit.value if isinstance(edit.value, str) else text_of(chat[index])
         where = last_picture(chat, before=index)
         picture = picture_path(chat[where]) if where is not None else image
-        question = await self.check(picture, text, chat[:index], show_maps, template, *controls)
+        question = await self.check(picture, text, chat[:index], show_maps, template, look_closer, *controls)
         maps = tuple(controls[8:]) if show_maps else None
-        return Rerun(index, question, (template, tuple(controls[:8]), maps))
+        return Rerun(index, question, (template, tuple(controls[:8]), maps, look_closer))
 
     # ----------------------------------------------------------------------------------------------
     # Answering
@@ -166,30 +180,38 @@ class Chat:
         """Append the turn, stream the answer into it, then (when the question asks for them) its attention maps.
 
         Nothing here raises: a failure gives the turn back, as it was typed, and shows its message. The outputs: the
-        chat, the instruction box, the maps panel's (``MapsPanel.outputs``), and last the checked question's State,
-        emptied at the first update: the question (its picture among it) is not kept in the session once taken.
+        chat, the instruction box, the maps panel's (``MapsPanel.outputs``), the checked question's State, emptied
+        at the first update (the question, its picture among it, is not kept in the session once taken), and last
+        where the answer looked closer (``ui.look``: hidden at the start, shown when a look-closer answer cropped).
         ``outcome`` (if given) gets ``"answered"``: whether the answer came."""
         if question is None:  # the check did not pass (its message is shown)
             return
         chat = list(chat or [])
         asked = {"role": "user", "content": question.instruction}
-        unchanged = (gr.skip(),) * (len(self.panel.outputs) + 1)
+        panel = (gr.skip(),) * len(self.panel.outputs)
+        unchanged = (*panel, gr.skip(), gr.skip())  # the panel, the question's State, the look-closer view
         session = getattr(request, "session_hash", None)
-        ids = None
+        ids = crop = None
         decoding = asdict(question.decoding)  # the answer carries what it was made with (a rating logs it)
         outcome = {} if outcome is None else outcome
         outcome["answered"] = False
         try:
             turn = [*chat, asked, answer_message("", decoding)]
-            yield turn, "", *unchanged[1:], None
+            yield turn, "", *panel, None, gr.update(visible=False, value=None)
             async for kind, value in self.generations.answers(session, question):
                 if kind == "text":  # a new list each time: Gradio diffs what it sent with what comes next
                     turn = [*chat, asked, answer_message(value, decoding)]
                     yield turn, "", *unchanged
                 elif kind == "ids":
                     ids = value
+                elif kind == "look":  # where it looked closer: painted in a worker thread, at the page's size
+                    crop = value
+                    pair = await anyio.to_thread.run_sync(
+                        looked_closer, question.picture.image, crop.box, crop.picture.image
+                    )
+                    yield turn, "", *panel, gr.skip(), gr.update(visible=True, value=pair, label=LOOK_LABEL)
                 else:  # the maps: painted in a worker thread, at the size the page shows them
-                    yield turn, "", *(await self.panel.show(question, ids, value)), gr.skip()
+                    yield turn, "", *(await self.panel.show(question, ids, value, crop)), gr.skip(), gr.skip()
             outcome["answered"] = True
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
@@ -212,7 +234,7 @@ class Chat:
         if rerun.index >= len(original):  # the chat changed since the check
             return
         done: list[dict] = original[: rerun.index]
-        template, decoding, maps = rerun.settings
+        template, decoding, maps, look_closer = rerun.settings
         question: Question | None = rerun.question
         later = original[rerun.index + 1 :]
         while question is not None:
@@ -234,11 +256,11 @@ class Chat:
                     text = text_of(message) or ""
                     try:
                         question = await anyio.to_thread.run_sync(
-                            self.ask, picture, text, done, template, decoding, maps
+                            self.ask, picture, text, done, template, decoding, maps, look_closer
                         )
                     except gr.Error as e:
                         gr.Warning(html.escape(e.message), title="Could not answer")
-                        yield done, text, *(gr.skip(),) * (len(self.panel.outputs) + 1)
+                        yield done, text, *(gr.skip(),) * (len(self.panel.outputs) + 2)
                         return
 
     @staticmethod
@@ -264,16 +286,17 @@ class Chat:
         chat,
         show_maps,
         template,
+        look_closer,
         *controls,
         request: gr.Request = None,
     ):
-        """/chat: the page's chat turn in one call (image, instruction, chat, show maps, template, the decoding
-        controls): the same question and the same outputs as pressing Send."""
+        """/chat: the page's chat turn in one call (image, instruction, chat, show maps, template, look closer, the
+        decoding controls): the same question and the same outputs as pressing Send."""
         try:
-            question = await self.check(image, instruction, chat, show_maps, template, *controls)
+            question = await self.check(image, instruction, chat, show_maps, template, look_closer, *controls)
         except gr.Error as e:
             gr.Warning(e.message, title="Could not answer")
-            yield chat, instruction, *(gr.skip(),) * (len(self.panel.outputs) + 1)
+            yield chat, instruction, *(gr.skip(),) * (len(self.panel.outputs) + 2)
             return
         async for update in self.respond(question, chat, request=request):
             yield update
@@ -291,11 +314,13 @@ class Chat:
         repetition_penalty=D["repetition_penalty"],
         length_penalty=D["length_penalty"],
         template=True,
+        look_closer=False,
         request: gr.Request = None,
     ) -> str:
-        """/ask: the whole answer at once."""
+        """/ask: the whole answer at once. ``look_closer``: answer from a crop around where the model looks for this
+        question (the picture alone when it is small)."""
         decoding = (method, num_beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition_penalty)
-        question = await self._api_question(image, instruction, template, (*decoding, length_penalty))
+        question = await self._api_question(image, instruction, template, (*decoding, length_penalty), look_closer)
         answer = ""
         async for answer in self._texts(question, request):  # noqa: B007 - the last value is the whole answer
             pass
@@ -314,17 +339,20 @@ class Chat:
         repetition_penalty=D["repetition_penalty"],
         length_penalty=D["length_penalty"],
         template=True,
+        look_closer=False,
         request: gr.Request = None,
     ):
         """/stream: the answer so far, growing as it is generated. ``template`` (BLIP-2): False sends the
-        instruction exactly as written, without "Question: … Answer:"."""
+        instruction exactly as written, without "Question: … Answer:". ``look_closer`` as in /ask."""
         decoding = (method, num_beams, max_new_tokens, min_new_tokens, top_p, temperature, repetition_penalty)
-        question = await self._api_question(image, instruction, template, (*decoding, length_penalty))
+        question = await self._api_question(image, instruction, template, (*decoding, length_penalty), look_closer)
         async for answer in self._texts(question, request):
             yield answer
 
-    async def _api_question(self, image, instruction, template, decoding: tuple) -> Question:
-        return await anyio.to_thread.run_sync(self.ask, image, instruction, (), template, decoding)
+    async def _api_question(self, image, instruction, template, decoding: tuple, look_closer=False) -> Question:
+        if not isinstance(look_closer, bool):  # an API caller may send anything: say what is expected
+            raise UserError(f"look_closer must be true or false, got {look_closer!r}.")
+        return await anyio.to_thread.run_sync(self.ask, image, instruction, (), template, decoding, None, look_closer)
 
     async def _texts(self, question: Question, request: gr.Request | None) -> AsyncIterator[str]:
         session = getattr(request, "session_hash", None)

@@ -25,6 +25,7 @@ from ..heatmap import legend_css
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
 from .conversations import new_id
 from .feedback import FEEDBACK_OPTIONS, Ratings
+from .look import LABEL as LOOK_LABEL
 from .maps import ALL, METHODS, SHOW_MAPS, MapsPanel, shown_only_with
 from .pictures import with_picture
 from .sidepanel import SidePanel
@@ -35,6 +36,11 @@ BROWSER_KEY, BROWSER_SECRET = "blipdemo-conversations", "blipdemo-conversations-
 NO_EARLIER_TURNS = "—"  # an example with no earlier turns (its table cell); see ``Demo.examples``
 CONCURRENCY_ID = "model"  # every event that runs the model shares one concurrency group
 FAMILY_NAMES = {"instructblip": "InstructBLIP", "blip2": "BLIP-2"}
+LOOK_CLOSER_LABEL = "Look closer"
+LOOK_CLOSER_INFO = (
+    "For a small detail in a large photo: the model finds where to look with its own attention, zooms in there "
+    "and answers from the zoomed part (a little slower)."
+)
 TEMPLATE_LABEL = 'Wrap as "Question: … Answer:" (off: the prompt goes to the model exactly as typed, e.g. "a photo of")'
 
 
@@ -170,7 +176,7 @@ class Demo:
         hidden = gr.update(visible=False)
         empty = shown_only_with(None)
         words = gr.update(choices=[], value=None)
-        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS, new_id()
+        return chat, None, hidden, None, words, "", empty, empty, hidden, SHOW_MAPS, hidden, new_id()
 
     async def picture_changed(self, image, chat, earlier):
         """The picture changed. From an example (``earlier`` is set, if only to NO_EARLIER_TURNS): a new chat, as
@@ -182,7 +188,7 @@ class Demo:
             return self.new_chat(earlier, chat[0] if chat else None)
         joined = await with_picture(chat, image)
         if joined is None:
-            return (gr.skip(),) * 11
+            return (gr.skip(),) * 12
         return joined, *self.new_chat()[1:-1], gr.skip()  # the same conversation
 
     async def clear(self, image):
@@ -264,12 +270,23 @@ class Demo:
                     template = gr.Checkbox(
                         True, label=TEMPLATE_LABEL, visible=self.vlm.family == "blip2", elem_id="template"
                     )
+                    look = gr.Checkbox(False, label=LOOK_CLOSER_LABEL, info=LOOK_CLOSER_INFO, elem_id="look-closer")
                     with gr.Row(elem_classes="compact-row"):
                         send = gr.Button("Send", variant="primary", scale=2, min_width=70, elem_id="send")
                         stop = gr.Button("Stop", variant="stop", scale=1, min_width=60, elem_id="stop")
                         regen = gr.Button("Regenerate", scale=1, min_width=60, size="md", elem_id="regenerate")
                         undo = gr.Button("Undo", scale=1, min_width=60, size="md", elem_id="undo")
                         clear = gr.Button("Clear", scale=1, min_width=60, size="md", elem_id="clear")
+                    # Where a look-closer answer looked: the picture with the box, and the crop (after the answer).
+                    closer = gr.Image(
+                        label=LOOK_LABEL,
+                        interactive=False,
+                        visible=False,
+                        format="png",
+                        height=240,
+                        elem_id="looked-closer",
+                        buttons=["fullscreen"],
+                    )
                     # The way into the maps, shown once an answer has them: its words (a click opens that word's
                     # map in the explorer below) and a button that opens or closes the explorer.
                     with gr.Column(visible=False, elem_id="answer-maps") as entry:
@@ -353,9 +370,9 @@ class Demo:
                 **private,
             )
             # chat.Chat.respond's outputs: the chat, the box, maps.MapsPanel.outputs, the checked question (emptied)
-            reply = [chat, instruction, explanation, entry, heat, words, queries, region, asked]
+            reply = [chat, instruction, explanation, entry, heat, words, queries, region, asked, closer]
             # Each question is checked first (a toast at once if it is bad), then answered from the checked value.
-            settings_inputs = [show_maps, template, *options, *settings]
+            settings_inputs = [show_maps, template, look, *options, *settings]
             steps = [
                 (send.click, c.check, [image, instruction, chat, *settings_inputs], c.respond),
                 (instruction.submit, c.check, [image, instruction, chat, *settings_inputs], c.respond),
@@ -382,7 +399,8 @@ class Demo:
                 chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
             demo.load(None, js=ESCAPE_STOPS)
-            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps, conversation]
+            fresh = [chat, explanation, entry, heat, words, earlier, queries, region, explorer, open_maps, closer]
+            fresh.append(conversation)  # last: ``fresh[1:-1]`` is what a newly opened conversation resets
             # Decoding the picture: in the checks' group (a worker thread), not on the event loop.
             image.change(self.picture_changed, [image, chat, earlier], fresh, **checking)
             clear.click(self.clear, image, [instruction, *fresh], **checking)

@@ -26,6 +26,7 @@ from PIL import ImageDraw
 from ..attention import Explanation, lm_attention_modules, map_selection
 from ..control import Generations
 from ..heatmap import paint
+from ..look_closer import Crop
 from ..question import Question
 
 WHOLE_ANSWER = "Whole answer"
@@ -46,11 +47,13 @@ class Shown:
     explanation: Explanation
 
     @classmethod
-    def of(cls, vlm, question: Question, ids: list[int], explanation: Explanation) -> Shown:
+    def of(cls, vlm, question: Question, ids: list[int], explanation: Explanation, crop: Crop | None = None) -> Shown:
         """An explanation as ``gpu`` gives it (without its picture) joined to a light copy of the question's picture
         (``Service.kept``: at the size the page shows, with the model's input for remaps). Gradio keeps a closed
-        session's values for an hour: the full upload is not among them. Some CPU work: call it in a worker thread."""
-        question = replace(question, picture=vlm.kept(question.picture, DISPLAY_SIDE))
+        session's values for an hour: the full upload is not among them. ``crop``: where a look-closer answer looked
+        (``gpu``'s light copy): a remap maps the answer from that same crop. Some CPU work: call it in a worker
+        thread."""
+        question = replace(question, picture=vlm.kept(question.picture, DISPLAY_SIDE), crop=crop or question.crop)
         return cls(question, ids, replace(explanation, image=question.picture.image))
 
 
@@ -122,11 +125,14 @@ class MapsPanel:
             "lm_heads": pick(lm_head),
         }
 
-    async def show(self, question: Question, ids: list[int], explanation: Explanation) -> tuple:
-        """A new answer's maps: the panel's outputs (see ``outputs``), painted in a worker thread."""
+    async def show(
+        self, question: Question, ids: list[int], explanation: Explanation, crop: Crop | None = None
+    ) -> tuple:
+        """A new answer's maps (``crop``: where it looked closer, if it did): the panel's outputs (see ``outputs``),
+        painted in a worker thread."""
 
         def paint_all():
-            shown = Shown.of(self.vlm, question, ids, explanation)
+            shown = Shown.of(self.vlm, question, ids, explanation, crop)
             e = shown.explanation
             gallery = shown_only_with(query_gallery(e, -1))
             return shown, gr.update(visible=True), e.overlay(max_side=DISPLAY_SIDE), word_chips(e), gallery
