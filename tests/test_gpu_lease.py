@@ -75,3 +75,13 @@ def test_calibration_measures_the_model_in_use():
     values = [costs.start, costs.per_token, costs.per_beam_token, costs.maps_per_token]
     assert all(math.isfinite(v) and v >= 0 for v in values) and costs.start > 0 and costs.maps_per_token > 0
     assert gpu.calibrate_leases(key) is None  # not on ZeroGPU: no lease, nothing measured at start-up
+
+
+@pytest.mark.parametrize("how,starts", [("attention", 2), ("relative", 3), ("gradient", 3)])
+def test_a_look_closer_answer_asks_for_its_look_too(served, how, starts):
+    """The whole look runs inside the answer's GPU call: its pass over the prompt and the crop's ViT and prefill
+    (two starts), a third for the relative map's second pass or the gradient map's backward pass."""
+    plain = COSTS.start + 32 * COSTS.per_token
+    want = min(math.ceil(gpu.LEASE_MARGIN * (plain + starts * COSTS.start)) + gpu.LEASE_FLOOR, 120)
+    assert lease(served, max_new_tokens=32, num_beams=1, look_closer={"map": how}) == want
+    assert want > expected(32)
