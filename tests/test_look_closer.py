@@ -251,9 +251,10 @@ def test_the_crop_tokens_are_cached_like_any_pictures(tiny):
     tiny.clear_cache()
     before = tiny.vision_calls
     first = tiny.ask(detail.image, question, look_closer=True, max_new_tokens=8)
-    assert tiny.vision_calls - before == 2  # the picture (for the look), then the crop (in the batch)
+    calls = tiny.vision_calls - before
+    assert calls in (2, 3)  # the picture and each crop a look was made on (one or two), the last one for the answer
     again = tiny.ask(detail.image, question, look_closer=True, max_new_tokens=8)
-    assert again == first and tiny.vision_calls - before == 2  # both cached: a follow-up skips the ViT
+    assert again == first and tiny.vision_calls - before == calls  # all cached: a follow-up skips the ViT
 
 
 def test_the_explanation_covers_the_picture_and_the_crop_and_says_which_is_which(tiny):
@@ -266,8 +267,14 @@ def test_the_explanation_covers_the_picture_and_the_crop_and_says_which_is_which
     np.testing.assert_allclose(e.crop.share, 1.0)  # it read the crop alone
     np.testing.assert_allclose(e.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
     np.testing.assert_allclose(e.crop.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
-    # Every word's map over the picture lies inside the box (the crop is all it read).
-    np.testing.assert_allclose(e.words_in_region(e.crop.box), 1.0, atol=1e-6)
+    # Every word's map over the picture lies inside the box (the crop is all it read): all of it, but for the finer
+    # grid's cells that straddle the box's edge, which ``words_in_region`` counts by their area inside.
+    inside = e.words_in_region(e.crop.box)
+    assert (inside > 0.95).all(), inside
+    grown = (e.crop.box[0] - 1, e.crop.box[1] - 1, e.crop.box[2] + 1, e.crop.box[3] + 1)
+    cell = max(e.image.size) / e.token_maps.shape[-1]
+    grown = (grown[0] - cell, grown[1] - cell, grown[2] + cell, grown[3] + cell)  # whole straddling cells
+    np.testing.assert_allclose(e.words_in_region(grown), 1.0, atol=1e-6)
     assert e.overlay(0).size == detail.image.size and e.crop.overlay().size == e.crop.image.size
     assert e.crop.image.size == (e.crop.box[2] - e.crop.box[0], e.crop.box[3] - e.crop.box[1])
 
