@@ -324,3 +324,38 @@ def test_the_look_closer_question_pickles_whole(tiny):
 def test_the_module_says_which_variants_exist():
     assert LookCloser().view in look_closer.VIEWS and LookCloser().map in look_closer.MAPS
     assert LookCloser().box in look_closer.BOXES
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# With an 8-bit LM, and with an LM offloaded by a device map
+def _looked(vlm, image, view="both"):
+    """(the question's map over the picture, the answer from a given crop, its explanation)."""
+    question = vlm.question(image, "What is in the image?", look_closer={"view": view}, max_new_tokens=6, **GREEDY)
+    inputs = vlm.prepare(_with_crop(vlm, question, (40, 30, 130, 102), view))
+    heat = look_closer.question_map(vlm, vlm.prepare(vlm.question(image, "What is in the image?")))
+    ids = vlm.generate_prepared(inputs)
+    return heat, vlm.decode(ids), vlm.explain_prepared(inputs, ids)
+
+
+def test_the_look_and_its_maps_work_with_an_8bit_lm(checkpoint_dir):
+    pytest.importorskip("bitsandbytes")
+    folder = checkpoint_dir("instructblip", "llama")
+    vlm = blipdemo.load(folder, dtype="bfloat16", load_in_8bit=True, quantization="bitsandbytes")
+    assert any(type(m).__name__ == "Linear8bitLt" for m in vlm.language_model.modules())
+    heat, text, e = _looked(vlm, _photo())
+    assert np.isfinite(heat).all() and abs(heat.sum() - 1) < 1e-6
+    assert e.text == text and e.crop.pictures == ("original", "crop")
+    np.testing.assert_allclose(e.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-6)
+
+
+def test_the_look_and_its_answer_are_the_same_with_the_lm_offloaded(checkpoint_dir, tmp_path):
+    folder = checkpoint_dir("blip2", "opt")
+    plain = blipdemo.load(folder, dtype="float32", device="cpu")
+    offloaded = blipdemo.load(
+        folder, dtype="float32", device_map="auto", max_memory={"cpu": 300_000}, offload_folder=str(tmp_path / "off")
+    )
+    assert "disk" in set(offloaded.load_info["device_map"].values())
+    a, b = _looked(plain, _photo()), _looked(offloaded, _photo())
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    assert a[1] == b[1]
+    np.testing.assert_allclose(a[2].token_maps, b[2].token_maps, atol=1e-5)

@@ -242,3 +242,15 @@ def test_cpu_quantization_benchmark_tiny(tmp_path):
     for variant in ("float32", "bfloat16", "int8", "int4", "bnb 8-bit", "bnb nf4"):
         assert re.search(rf"\n\| {variant} \| [\d.]+ \| [\d.]+× \|", stdout), variant  # its speed row
         assert re.search(rf"\n\| {variant} \|( [\d.]+ \|){{10}} \d+/10 \|", stdout), variant  # its answers, scored
+
+
+def test_look_closer_benchmark_short():
+    """The short version of benchmarks/look_closer.py: its tables, with the machine, on the embedded model."""
+    stdout = run("benchmarks/look_closer.py", "--per-family", "2", "--v12-per-family", "1", "--only-default")
+    assert stdout.startswith("machine: ") and "matmul peak" in stdout
+    assert "| Version 3 (2 pictures per family) | color | shape | count | exists |" in stdout
+    for row in ("without look-closer", "default (attention, mass box, 2 steps, crop)"):
+        assert re.search(rf"\| {re.escape(row)} \|( \d+\.\d% \|){{4}}", stdout), row
+    assert re.search(r"with look-closer \(default\) \d+ ms: \d+\.\d\dx", stdout)
+    for row in ("color", "where", "describe", "follow-up"):
+        assert re.search(rf"\| {row} \| \d+\.\d% \| \d+\.\d% \|", stdout), row

@@ -396,6 +396,54 @@ def test_a_remap_after_an_answer_runs_on_the_same_worker_with_its_own_lease(spac
     assert served.shape == expected.shape and np.abs(served - expected).max() <= 2
 
 
+def test_a_look_closer_turn_runs_its_whole_look_in_one_call_and_shows_where(space, client, reference, tmp_path):
+    """A look-closer chat turn about a large photo with a small scene: the look, the crop and the answer run in the one
+    GPU call, on the reused worker, under a lease that counts the look; the answer is the plain library's look-closer
+    answer, and the page gets the picture with its box beside the crop. A remap with other layers then maps the same
+    answer from the same crop (the crop travels with the shown answer)."""
+    import random
+
+    from blipdemo.tiny import small_details
+    from blipdemo.ui.chat import decoding_fields
+    from blipdemo.ui.maps import ALL, MapsPanel
+
+    vlm, key = reference
+    rng = random.Random(4)
+    for _ in range(20):  # a picture whose question makes the model crop (most do)
+        detail = small_details.small_detail(rng)
+        question, _ = small_details.question(detail, "color", rng)
+        if vlm.prepare(vlm.question(detail.image, question, look_closer=True)).crop is not None:
+            break
+    path = tmp_path / "small-detail.png"
+    detail.image.save(path)
+    attention, layer_one = ("Attention", ALL, ALL, ALL, ALL), ("Attention", "1", ALL, ALL, ALL)
+    asked = vlm.question(
+        path, question, look_closer=True, maps=MapsPanel.selection(*attention), **decoding_fields(*api_decoding())
+    )
+    expected = vlm.decode(vlm.answer_ids(asked)[1])
+    since = len(space.api.leases)
+    job = client.submit(
+        handle_file(str(path)), question, [], True, True, True, *api_decoding(), *attention, api_name="/chat"
+    )
+    outputs = job.result()
+    assert outputs[0][-1]["content"][0]["text"] == expected
+    # Among the turn's updates, one shows the look-closer view, with the painted pair as its value.
+    views = [o[-1] for o in job.outputs() if isinstance(o[-1], dict) and o[-1].get("visible") is True]
+    assert len(views) == 1, [o[-1] for o in job.outputs()]
+    pair = Image.open(views[0]["value"])
+    assert pair.size[0] > pair.size[1], "the picture with its box, and the crop beside it"
+    (lease,) = new_leases(space, since)
+    assert lease.released and not lease.failed
+    assert lease.seconds == gpu.answer_seconds(key, asked) > answer_lease(reference, path, question)
+
+    remap = next(d for d in client.config["dependencies"] if d.get("api_name") == "follow_settings")
+    client.endpoints[remap["id"]].is_valid = True
+    heat, words, *_ = client.predict(None, *layer_one, fn_index=remap["id"])
+    assert [w for w, _ in words["choices"][1:]] == expected.split()
+    *_, remapped = new_leases(space, since)
+    assert remapped.released and not remapped.failed and remapped.pid == lease.pid
+
+
 def test_a_call_over_the_visitors_quota_is_refused_with_the_packages_message(space, reference):
     """ZeroGPU refuses up front a call that asks for more seconds than the visitor has left; the package's message
     reaches the client, no worker runs, and a call that asks for less still passes: leases that ask for what the
