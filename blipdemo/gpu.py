@@ -111,9 +111,10 @@ def answer_seconds(model: str, question: Question) -> int:
     if question.maps is not None:
         seconds += tokens * costs.maps_per_token
     if question.look_closer is not None:
-        # The look: its pass over the prompt (about a prefill) and the crop's ViT and prefill, each at most a start's
-        # cost; a "relative" map makes two passes, a "gradient" one a backward pass too: a third start.
-        seconds += costs.start * (2 if question.look_closer.map == "attention" else 3)
+        # The look, step by step: a pass over the prompt (about a prefill) and the crop's ViT, about a start's cost
+        # each step; a "relative" map makes two passes a step, a "gradient" one a backward pass too: twice that.
+        closer = question.look_closer
+        seconds += costs.start * closer.steps * (1 if closer.map == "attention" else 2)
     limit = getattr(vlm, "generation_time_limit", None) or DEFAULT_TIME_LIMIT
     return int(min(math.ceil(LEASE_MARGIN * seconds) + LEASE_FLOOR, limit))
 

@@ -77,11 +77,14 @@ def test_calibration_measures_the_model_in_use():
     assert gpu.calibrate_leases(key) is None  # not on ZeroGPU: no lease, nothing measured at start-up
 
 
-@pytest.mark.parametrize("how,starts", [("attention", 2), ("relative", 3), ("gradient", 3)])
-def test_a_look_closer_answer_asks_for_its_look_too(served, how, starts):
-    """The whole look runs inside the answer's GPU call: its pass over the prompt and the crop's ViT and prefill
-    (two starts), a third for the relative map's second pass or the gradient map's backward pass."""
+@pytest.mark.parametrize(
+    "options,starts",
+    [({}, 2), ({"steps": 1}, 1), ({"steps": 3}, 3), ({"map": "relative"}, 4), ({"map": "gradient", "steps": 1}, 2)],
+)
+def test_a_look_closer_answer_asks_for_its_look_too(served, options, starts):
+    """The whole look runs inside the answer's GPU call: each step a pass over the prompt and the crop's ViT (a start),
+    twice that for the relative map's second pass or the gradient map's backward pass."""
     plain = COSTS.start + 32 * COSTS.per_token
     want = min(math.ceil(gpu.LEASE_MARGIN * (plain + starts * COSTS.start)) + gpu.LEASE_FLOOR, 120)
-    assert lease(served, max_new_tokens=32, num_beams=1, look_closer={"map": how}) == want
+    assert lease(served, max_new_tokens=32, num_beams=1, look_closer=options or True) == want
     assert want > expected(32)
