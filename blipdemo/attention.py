@@ -40,10 +40,6 @@ from .relevancy import check_differentiable, lm_modules, relevancy_hops
 from .teacher_forced import patch_grid, stop_if_set, teacher_forced
 
 METHODS = ("attention", "relevancy")  # raw attention (one pass), or gradient-weighted relevancy (relevancy.py)
-RELEVANCY_WITH_LOOK_CLOSER = (
-    "Maps of a look-closer answer are made with the attention method (relevancy maps cover one picture): choose "
-    "the attention method, or turn look-closer off."
-)
 AGGREGATIONS = ("mean", "last", "qformer")  # see the pointing game in benchmarks/; "mean" is the default
 
 
@@ -302,8 +298,6 @@ def explain_selections(
 
     ``stop``: checked before each method's pass and between relevancy's gradient chunks; set, it raises ``Stopped``
     (no pass is run when it is set from the start)."""
-    if inputs.crop is not None and any(s.method != "attention" for s in selections):
-        raise ValueError(RELEVANCY_WITH_LOOK_CLOSER)
     # The answer's pieces: what decoding shows of each token (special tokens — EOS, <image>… — show nothing).
     pieces = [service.tokenizer.decode([t], skip_special_tokens=True) for t in answer_ids.tolist()]
     keep = [i for i, piece in enumerate(pieces) if piece]
@@ -325,8 +319,13 @@ def explain_selections(
                 maps = (R @ C)[which]  # every row, then the visible ones (as the maps always were)
                 hops[selection] = (maps, C, R[which])
         else:
-            results = relevancy_hops(service, inputs, answer_ids, chosen, which, stop)  # R (n, Q), C (n, Q, P)
+            results = relevancy_hops(service, inputs, answer_ids, chosen, which, stop)  # R (n, V*Q), C (n, V, Q, P)
             for selection, (R, Cs) in zip(chosen, results, strict=True):
+                if inputs.crop is not None:
+                    crops[selection] = crop_maps(inputs.crop, Cs, R, keep)
+                    Cs = torch.stack([on_picture(inputs.crop, c, image_size=inputs.image.size) for c in Cs])
+                else:
+                    Cs = Cs[:, 0]  # (n, Q, P): the one picture
                 hops[selection] = (torch.einsum("tq,tqp->tp", R, Cs), Cs.mean(0), R)
     image = inputs.image
     return [
@@ -391,13 +390,15 @@ def attention_hops(service, inputs, answer_ids: torch.Tensor, selections: Sequen
 
 
 def crop_maps(crop, C: torch.Tensor, R: torch.Tensor, keep: list[int]) -> CropMaps:
-    """The crop's own maps of a look-closer answer: C (V, Q, P) per picture read, R (n, V*Q) over the visible tokens
-    ``keep`` (or all, when none is visible)."""
+    """The crop's own maps of a look-closer answer: C (V, Q, P) per picture read — or (n, V, Q, P), one per token
+    (relevancy) — and R (n, V*Q) over the visible tokens ``keep`` (or all, when none is visible)."""
+    if C.dim() == 3:
+        C = C.expand(len(R), *C.shape)  # raw attention: the same query maps for every token
     v = crop.pictures.index("crop")
-    q = C.shape[1]
-    weights = R[:, v * q : (v + 1) * q]  # (n, Q): each token's attention to the crop's queries
+    q = C.shape[2]
+    weights = R[:, v * q : (v + 1) * q]  # (n, Q): each token's weight on the crop's queries
     share = (weights.sum(1) / R.sum(1).clamp_min(1e-30)).numpy().astype(np.float64)
-    maps = (weights @ C[v]).reshape(-1, *patch_grid(C.shape[-1])).numpy()  # (n, gh, gw)
+    maps = torch.einsum("tq,tqp->tp", weights, C[:, v]).reshape(-1, *patch_grid(C.shape[-1])).numpy()  # (n, gh, gw)
     n = len(keep) or len(maps)
     whole = maps.mean(0).astype(np.float64)
     return CropMaps(

@@ -145,8 +145,8 @@ def _gradient_map(service, inputs) -> np.ndarray:
         forced, _, _ = _first_position_hops(service, inputs, in_graph=False)
     first = forced.logits[0, forced.rows[0]].argmax().reshape(1).cpu()  # (1,): the greedy first token
     selection = map_selection(service.model, method="relevancy")
-    R, Cs = relevancy_hops(service, inputs, first, [selection], [0])[0]  # (1, Q), (1, Q, P)
-    heat = torch.einsum("tq,tqp->tp", R, Cs)[0].clamp_min(0).numpy().reshape(patch_grid(Cs.shape[-1]))
+    R, Cs = relevancy_hops(service, inputs, first, [selection], [0])[0]  # (1, Q), (1, 1, Q, P): one picture
+    heat = torch.einsum("tq,tqp->tp", R, Cs[:, 0])[0].clamp_min(0).numpy().reshape(patch_grid(Cs.shape[-1]))
     return heat / max(float(heat.sum()), 1e-30)
 
 

@@ -163,8 +163,10 @@ def relevancy_hops(
     which: Sequence[int],
     stop: threading.Event | None = None,
 ) -> list:
-    """Per selection (``attention.MapSelection``), for the answer tokens in ``which``: (query weights R (n, Q), query
-    maps C (n, Q, P)), both row-normalized.
+    """Per selection (``attention.MapSelection``), for the answer tokens in ``which``: (query weights R (n, V*Q), query
+    maps C (n, V, Q, P)), both row-normalized, for the V pictures the LM read (``PreparedInputs.views``: 1, or 2 for a
+    look-closer answer from the picture and its crop; the Q-Former reads each on its own, so each has its own Q-Former
+    relevancy, while the LM's runs over all their queries).
 
     One teacher-forced pass with every attention map in the graph (``teacher_forced``, this thread only),
     then the tokens' gradients (batched backward passes, ``gradients``, as many tokens at once as GRADIENT_BUDGET
@@ -177,7 +179,8 @@ def relevancy_hops(
     lm_list = [m for group in modules.values() for m in group]
     with torch.inference_mode(False), torch.enable_grad():
         forced = teacher_forced(service, inputs, answer_ids, qf_self + qf_cross, lm_list, in_graph=True)
-        maps = forced.qformer | forced.lm  # {module: (1, nh, Tq, Tk) in the graph of the logits}
+        maps = forced.qformer | forced.lm  # {module: (V or 1, nh, Tq, Tk) in the graph of the logits}
+        views = forced.views
         logits, rows = forced.logits, forced.rows
         answer = answer_ids.reshape(-1).to(logits.device)  # (n,)
         steps = list(which)
@@ -188,14 +191,15 @@ def relevancy_hops(
         for start in range(0, len(steps), chunk):  # the tokens' gradients a chunk at a time: memory stays bounded
             stop_if_set(stop)
             found = gradients(targets[start : start + chunk], list(maps.values()))
-            grads = dict(zip(maps, found, strict=True))  # {module: (chunk, 1, nh, Tq, Tk) or None}
+            grads = dict(zip(maps, found, strict=True))  # {module: (chunk, V or 1, nh, Tq, Tk) or None}
             reached = reached or any(g is not None and bool(g.any()) for g in grads.values())
             with torch.no_grad():
                 for k, t in enumerate(steps[start : start + chunk]):
                     cam = _TokenCams(maps, {m: None if g is None else g[k] for m, g in grads.items()})
                     for selection, (weights, query_maps) in zip(selections, results, strict=True):
-                        weights.append(_lm_row(modules, cam, selection, int(rows[t]), q))
-                        query_maps.append(_query_maps(qf_self, qf_cross, cam, selection, q, model))
+                        weights.append(_lm_row(modules, cam, selection, int(rows[t]), q * views))
+                        per_view = [_query_maps(qf_self, qf_cross, cam, selection, q, model, v) for v in range(views)]
+                        query_maps.append(torch.stack(per_view))  # (V, Q, P)
     if not reached:
         raise RuntimeError(
             "Relevancy: no gradient of the answer's logits reached any attention map (a layer of the model computes "
@@ -205,15 +209,18 @@ def relevancy_hops(
 
 
 class _TokenCams:
-    """One token's Ā per (module, heads), computed once and shared by the selections: (Tq, Tk) float32 on the CPU."""
+    """One token's Ā per (module, heads, picture), computed once and shared by the selections: (Tq, Tk) float32 on
+    the CPU. ``view``: which picture's pass of a Q-Former module (its records hold one row per picture read)."""
 
     def __init__(self, maps: dict, grads: dict) -> None:
         self.maps, self.grads, self.cache = maps, grads, {}
 
-    def __call__(self, module, heads: Sequence[int] | None) -> torch.Tensor:
-        key = (module, None if heads is None else tuple(heads))
+    def __call__(self, module, heads: Sequence[int] | None, view: int = 0) -> torch.Tensor:
+        key = (module, None if heads is None else tuple(heads), view)
         if key not in self.cache:
-            self.cache[key] = gradcam(self.maps[module], self.grads[module], heads).cpu()
+            grad = self.grads[module]
+            rows = slice(view, view + 1)
+            self.cache[key] = gradcam(self.maps[module][rows], None if grad is None else grad[rows], heads).cpu()
         return self.cache[key]
 
 
@@ -230,9 +237,10 @@ def _lm_row(modules, cam, selection, row: int, num_queries: int) -> torch.Tensor
     return encoder_decoder_row(encoder, decoder, row, encoder[0].shape[-1])[:num_queries]
 
 
-def _query_maps(qf_self, qf_cross, cam, selection, num_queries: int, model) -> torch.Tensor:
-    """Each query's relevancy on the patches (Q, P) (the CLS token dropped) through the Q-Former."""
-    self_cams = [cam(m, None) for m in qf_self]  # every layer and head: how queries share what they read
+def _query_maps(qf_self, qf_cross, cam, selection, num_queries: int, model, view: int = 0) -> torch.Tensor:
+    """Each query's relevancy on the patches (Q, P) (the CLS token dropped) through the Q-Former's pass over picture
+    ``view``."""
+    self_cams = [cam(m, None, view) for m in qf_self]  # every layer and head: how queries share what they read
     layer_of = [i for i, layer in enumerate(model.qformer.encoder.layer) if layer.has_cross_attention]
-    cross = {layer_of[i]: cam(qf_cross[i], selection.qformer_heads) for i in selection.qformer_layers}
+    cross = {layer_of[i]: cam(qf_cross[i], selection.qformer_heads, view) for i in selection.qformer_layers}
     return query_relevancy(self_cams, cross, num_queries)[:, 1:]

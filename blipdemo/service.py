@@ -24,7 +24,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from . import lm_attention
-from .attention import RELEVANCY_WITH_LOOK_CLOSER, Explanation, MapSelection, explain_selections, map_selection
+from .attention import Explanation, MapSelection, explain_selections, map_selection
 from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
 from .decoding import DecodingOptions
 from .embedding import text_ids
@@ -282,8 +282,6 @@ class Service:
             maps = map_selection(self.model, **maps)
         elif maps is not None and not isinstance(maps, MapSelection):
             raise ValueError(f"maps must be None, a dict of map options or a MapSelection, got {maps!r}")
-        if closer is not None and maps is not None and maps.method != "attention":
-            raise ValueError(RELEVANCY_WITH_LOOK_CLOSER)
         return Question(Picture.of(image), instruction, turns, template, options, maps, closer)
 
     def _limits(self) -> tuple[int, int]:

@@ -286,6 +286,40 @@ def test_the_explanation_covers_the_picture_and_the_crop_and_says_which_is_which
     assert (inside < 1 - 1e-6).all(), "the picture's own queries put part of each map outside the box"
 
 
+@pytest.mark.parametrize("method", ["attention", "relevancy"])
+def test_the_crops_maps_are_those_of_the_crop_asked_about_alone(tiny, method):
+    """Answering from the crop alone is asking about the crop: the crop part of a look-closer explanation equals the
+    explanation of the same answer about the crop as a picture of its own (another entry point, no look), for raw
+    attention and for relevancy, each word wholly from the crop."""
+    detail, question, _ = next(
+        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
+    )
+    e = tiny.explain(detail.image, question, look_closer=True, method=method, max_new_tokens=16)
+    alone = tiny.explain(e.crop.image, question, answer=e.text, method=method, max_new_tokens=16)
+    assert alone.tokens == e.tokens
+    np.testing.assert_allclose(e.crop.token_maps, alone.token_maps, atol=1e-5)
+    np.testing.assert_allclose(e.crop.share, 1.0)
+    x0, y0, x1, y1 = e.crop.box
+    cell = max(e.image.size) / e.token_maps.shape[-1]  # the finer grid's cells that straddle the box's edge
+    np.testing.assert_allclose(e.words_in_region((x0 - cell, y0 - cell, x1 + cell, y1 + cell)), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["attention", "relevancy"])
+def test_maps_of_an_answer_from_the_picture_and_its_crop_split_each_word_between_them(tiny, method):
+    detail, question, _ = next(
+        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
+    )
+    e = tiny.explain(detail.image, question, look_closer={"view": "both"}, method=method, max_new_tokens=16)
+    assert e.crop.pictures == ("original", "crop") and e.method == method
+    np.testing.assert_allclose(e.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(e.crop.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
+    assert ((e.crop.share >= 0) & (e.crop.share <= 1)).all()
+    np.testing.assert_allclose(e.query_weights.sum(1), 1.0, atol=1e-9)
+    assert e.query_weights.shape[1] == 2 * tiny.config.num_query_tokens
+    if method == "attention":  # a word's map: its weights over both pictures' queries times where each query read
+        np.testing.assert_allclose(np.einsum("tq,qhw->thw", e.query_weights, e.query_maps), e.token_maps, atol=1e-6)
+
+
 def test_bad_look_closer_options_are_refused_before_any_model_work(tiny):
     image = np.zeros((50, 50, 3), np.uint8)
     for bad, words in [
@@ -296,8 +330,6 @@ def test_bad_look_closer_options_are_refused_before_any_model_work(tiny):
     ]:
         with pytest.raises(ValueError, match=words):
             tiny.question(image, "What color is the circle?", look_closer=bad)
-    with pytest.raises(ValueError, match="attention method"):
-        tiny.question(image, "What color is the circle?", look_closer=True, maps={"method": "relevancy"})
     assert LookCloser.of(True) == LookCloser() and LookCloser.of(False) is None
 
 
