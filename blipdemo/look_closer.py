@@ -21,7 +21,7 @@ cannot read it, so:
    part of it, the second map being made at the crop's finer resolution.
 3. **The crop** is cut from the picture the user uploaded, at full resolution, and goes through the ViT and the
    Q-Former (which reads the instruction, as InstructBLIP does) like any picture: its image tokens are cached under
-   a key made from the picture's key and the box.
+   its own content key (a follow-up that looks at the same place skips the ViT).
 4. **The answer** (``VIEWS``): ``"crop"`` from the crop's queries alone, or ``"both"``, the paper's way, from the
    original's queries followed by the crop's. The default is what the benchmark chose (see the README).
 
@@ -53,7 +53,7 @@ CONCENTRATION = 1.1
 MASS = 0.35  # the share of the map a "mass" box must hold (chosen by benchmarks/look_closer.py: see the README)
 # A picture whose shorter side is under this many times the model's input size is answered whole: the model already
 # sees it at a fair share of its resolution, and a crop would take away the rest of the scene for little gain (on the
-# embedded model's Version 1/2 pictures, 160-400 px for a 108-px input, cropping cost up to 40 points; see the README).
+# embedded model's Version 1 pictures, 160-400 px for a 108-px input, answering from a crop cost 38 points).
 MIN_PICTURE = 4
 
 
@@ -251,8 +251,8 @@ def adaptive_box(heat: np.ndarray, image_size: tuple[int, int], min_side: int) -
 # ------------------------------------------------------------------------------------------------------------------
 # 3. The crop
 def crop_picture(picture: Picture, box: tuple[int, int, int, int]) -> Picture:
-    """The crop of the full-size picture; its key derives from the picture's and the box, so its image tokens are
-    cached like any picture's (a follow-up that looks at the same place skips the ViT)."""
+    """The crop of the full-size picture, keyed by its content, so its image tokens are cached like any picture's
+    (a follow-up that looks at the same place skips the ViT)."""
     image: Image.Image = picture.image.crop(box)
     return Picture(image, content_key(image))
 
