@@ -215,7 +215,13 @@ class Chat:
             outcome["answered"] = True
         except gr.Error as e:  # the turn goes back as it was typed; the message shows alone
             gr.Warning(html.escape(e.message), title="Could not answer")
-            yield chat, question.instruction, *unchanged
+            yield (
+                chat,
+                question.instruction,
+                *panel,
+                gr.skip(),
+                gr.update(visible=False, value=None),
+            )  # no answer: no view
 
     async def regenerate(self, question: Question | None, chat, request: gr.Request = None):
         """Answer the last question again (its turn replaced), as ``check_regenerate`` made it."""
