@@ -71,7 +71,12 @@ def test_look_closer_answers_from_the_crop_and_shows_where(served, browser, tmp_
     assert size[0] > size[1] > 0, "the picture with its box and the crop beside it"
     assert "Looked closer" in view.inner_text()
     assert toasts(page) == []
-    # Unticked, the next answer is the plain one, and the view goes.
+    # Undo takes the answer back, and the view with it.
+    page.locator("#undo").click()
+    page.wait_for_selector("#looked-closer", state="hidden", timeout=30000)
+    # Ticked again the view comes back; unticked, the next answer is the plain one, and the view goes.
+    assert ask(page, question) == expected
+    page.wait_for_selector("#looked-closer img", state="visible", timeout=30000)
     page.locator("#look-closer input").uncheck()
     plain = vlm.ask(str(path), question, history=[(question, expected)], **PAGE_DEFAULTS)
     assert ask(page, question, turns=2) == plain

@@ -395,6 +395,7 @@ class Demo:
             stop.click(c.stop, None, None, cancels=answering + remaps, **private)
             show_maps.change(p.toggle, [show_maps, explanation], [entry, explorer, open_maps], **private)
             undone = undo.click(c.undo, chat, [chat, instruction], **private)
+            undone.then(lambda: gr.update(visible=False, value=None), None, closer, **private)  # its look goes too
             if self.ratings is not None:  # Gradio shows the rating buttons only to a chat with a like listener
                 chat.like(self.ratings.rate, [chat, image], None, **checking)
             demo.load(None, js=FOCUS_ON_WIDE_SCREENS)
