@@ -435,9 +435,9 @@ def on_picture(crop, C: torch.Tensor, image_size: tuple[int, int]) -> torch.Tens
 
 def _overlap(start: float, end: float, cells: int, length: float, fine: int) -> np.ndarray:
     """(fine, cells): the share of crop cell j (of ``cells`` equal cells spanning [start, end) px) that falls in fine
-    cell a (of ``fine`` equal cells spanning [0, length) px)."""
-    size = (end - start) / cells
+    cell a (of ``fine`` equal cells spanning [0, length) px): the fraction of each fine cell it covers (``_covered``,
+    in fine-cell units), times a fine cell's size over its own."""
+    size, unit = (end - start) / cells, length / fine
     lo = start + np.arange(cells) * size  # (cells,)
-    edges = np.arange(fine) * (length / fine)  # (fine,)
-    covered = np.minimum(edges[:, None] + length / fine, lo + size) - np.maximum(edges[:, None], lo)
-    return np.clip(covered, 0.0, None) / size
+    covered = [_covered(a / unit, (a + size) / unit, fine) for a in lo]  # each (fine,)
+    return np.stack(covered, axis=1) * unit / size

@@ -182,13 +182,11 @@ def crop_box(
     width, height = image_size
     gh, gw = heat.shape
     heat = heat / heat.sum()
-    # Sums of every k×k window through a summed-area table: (gh - k + 1, gw - k + 1) per k.
-    table = np.zeros((gh + 1, gw + 1))
-    table[1:, 1:] = heat.cumsum(0).cumsum(1)
+    table = _summed(heat)
     best = None
     for k in range(1, max(gh, gw) + 1):
         kh, kw = min(k, gh), min(k, gw)
-        sums = table[kh:, kw:] - table[:-kh, kw:] - table[kh:, :-kw] + table[:-kh, :-kw]
+        sums = _window_sums(table, kh, kw)
         i, j = np.unravel_index(np.argmax(sums), sums.shape)
         if sums[i, j] >= mass - 1e-9:
             best = (int(i), int(j), kh, kw)
@@ -207,9 +205,7 @@ def crop_box(
     side_w, side_h = min(side_w * grow, width), min(side_h * grow, height)
     if side_w * side_h >= 0.5 * width * height:
         return None  # at most a 1.4× zoom: the picture itself is as close as the model gets
-    x0 = min(max(cx - side_w / 2, 0.0), width - side_w)
-    y0 = min(max(cy - side_h / 2, 0.0), height - side_h)
-    return (round(x0), round(y0), round(x0 + side_w), round(y0 + side_h))
+    return _placed(cx, cy, side_w, side_h, image_size)
 
 
 def adaptive_box(heat: np.ndarray, image_size: tuple[int, int], min_side: int) -> tuple[int, int, int, int] | None:
@@ -221,8 +217,7 @@ def adaptive_box(heat: np.ndarray, image_size: tuple[int, int], min_side: int) -
     width, height = image_size
     gh, gw = heat.shape
     cell_w, cell_h = width / gw, height / gh
-    table = np.zeros((gh + 1, gw + 1))
-    table[1:, 1:] = heat.cumsum(0).cumsum(1)
+    table = _summed(heat)
     best = None  # (sharpness, side in px, centre)
     for ratio in (1.0, 1.2, 1.4, 1.6, 1.8, 2.0):
         side = min_side * ratio
@@ -231,7 +226,7 @@ def adaptive_box(heat: np.ndarray, image_size: tuple[int, int], min_side: int) -
             if ratio == 1.0:
                 return None
             continue
-        sums = table[kh:, kw:] - table[:-kh, kw:] - table[kh:, :-kw] + table[:-kh, :-kw]  # (gh-kh+1, gw-kw+1)
+        sums = _window_sums(table, kh, kw)
         i, j = np.unravel_index(np.argmax(sums), sums.shape)
         steps = ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
         around = [sums[a, b] for a, b in steps if 0 <= a < sums.shape[0] and 0 <= b < sums.shape[1]]
@@ -242,7 +237,24 @@ def adaptive_box(heat: np.ndarray, image_size: tuple[int, int], min_side: int) -
     if best is None:
         return None
     _, side, (cx, cy) = best
-    side_w, side_h = min(side, width), min(side, height)
+    return _placed(cx, cy, min(side, width), min(side, height), image_size)
+
+
+def _summed(heat: np.ndarray) -> np.ndarray:
+    """The summed-area table (gh + 1, gw + 1) of a map (gh, gw): any window's sum in four look-ups."""
+    table = np.zeros((heat.shape[0] + 1, heat.shape[1] + 1))
+    table[1:, 1:] = heat.cumsum(0).cumsum(1)
+    return table
+
+
+def _window_sums(table: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """The sum of every kh × kw window of the map behind ``table`` (``_summed``): (gh - kh + 1, gw - kw + 1)."""
+    return table[kh:, kw:] - table[:-kh, kw:] - table[kh:, :-kw] + table[:-kh, :-kw]
+
+
+def _placed(cx: float, cy: float, side_w: float, side_h: float, image_size) -> tuple[int, int, int, int]:
+    """A side_w × side_h box centred on (cx, cy), moved (not shrunk) to lie inside the picture; whole pixels."""
+    width, height = image_size
     x0 = min(max(cx - side_w / 2, 0.0), width - side_w)
     y0 = min(max(cy - side_h / 2, 0.0), height - side_h)
     return (round(x0), round(y0), round(x0 + side_w), round(y0 + side_h))
@@ -274,6 +286,8 @@ def look(service, inputs, options: LookCloser, stop: threading.Event | None = No
         stop_if_set(stop)
         if min(seen.size) < MIN_PICTURE * size:
             break
+        if seen_inputs is None:  # a crop to look at again: prepared only now (the last crop's pixels: by prepare)
+            seen_inputs = service.prepare(replace(inputs.question, picture=seen, look_closer=None, crop=None))
         found = question_map(service, seen_inputs, options.map)  # (gh, gw) over what it sees now
         inner = draw(found, seen.size, min_side=size)
         if inner is None:
@@ -281,8 +295,7 @@ def look(service, inputs, options: LookCloser, stop: threading.Event | None = No
         x, y = (box[0], box[1]) if box is not None else (0, 0)
         box = (inner[0] + x, inner[1] + y, inner[2] + x, inner[3] + y)  # in the full-size picture's pixels
         heat = found if heat is None else heat  # the map over the whole picture: where the search began
-        seen = crop_picture(picture, box)
-        seen_inputs = service.prepare(replace(inputs.question, picture=seen, look_closer=None, crop=None))
+        seen, seen_inputs = crop_picture(picture, box), None
     if box is None:
         return None
     return Crop(box, seen, heat, options.view)
