@@ -18,13 +18,14 @@ import pytest
 import torch
 from PIL import Image
 from reference import reference, reference_answer
+from small_detail_cases import cases, cropping
 
 import blipdemo
 from blipdemo import look_closer
 from blipdemo.batching import run_batch
 from blipdemo.look_closer import Crop, LookCloser, adaptive_box, crop_box, crop_picture
 from blipdemo.question import Picture
-from blipdemo.tiny import EMBEDDED_MODEL, scenes, small_details
+from blipdemo.tiny import EMBEDDED_MODEL, scenes
 
 GREEDY = dict(num_beams=1, do_sample=False)
 COMBOS = [("instructblip", "llama"), ("blip2", "opt"), ("instructblip", "t5"), ("blip2", "t5")]
@@ -171,20 +172,10 @@ def tiny():
     return blipdemo.load(EMBEDDED_MODEL, dtype="float32")
 
 
-def _details(n: int, seed: int = 5):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        detail = small_details.small_detail(rng)
-        question, answer = small_details.question(detail, small_details.FAMILIES[i % 4], rng)
-        out.append((detail, question, answer))
-    return out
-
-
 def test_the_embedded_model_finds_the_small_scene_and_answers_some_only_when_it_looks_closer(tiny):
     right = lambda text, answer: scenes.normalize_answer(text) == answer  # noqa: E731
     only_closer = plain_right = closer_right = inside = 0
-    details = _details(40)
+    details = cases(40)
     for detail, question, answer in details:
         plain = right(tiny.ask(detail.image, question, max_new_tokens=16, **GREEDY), answer)
         inputs = tiny.prepare(tiny.question(detail.image, question, look_closer=True, max_new_tokens=16, **GREEDY))
@@ -214,10 +205,10 @@ def test_a_small_picture_is_answered_whole(tiny):
 
 def test_rows_with_and_without_look_closer_share_a_batch_and_answer_as_alone():
     vlm = blipdemo.load(EMBEDDED_MODEL, dtype="float32", max_batch_size=8)
-    cases = _details(6, seed=9)
+    drawn = cases(6, seed=9)
     asked = [
-        (cases[0], True), (cases[0], False), (cases[1], {"view": "both"}), (cases[2], True), (cases[3], False),
-        (cases[4], {"box": "adaptive"}), (cases[5], True),
+        (drawn[0], True), (drawn[0], False), (drawn[1], {"view": "both"}), (drawn[2], True), (drawn[3], False),
+        (drawn[4], {"box": "adaptive"}), (drawn[5], True),
     ]  # fmt: skip
     questions = [
         vlm.question(d.image, q, look_closer=closer, max_new_tokens=12 + i, **GREEDY)
@@ -245,9 +236,7 @@ def test_rows_with_and_without_look_closer_share_a_batch_and_answer_as_alone():
 
 
 def test_the_crop_tokens_are_cached_like_any_pictures(tiny):
-    detail, question, _ = next(
-        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
-    )
+    detail, question, _ = cropping(tiny, cases(12))
     tiny.clear_cache()
     before = tiny.vision_calls
     first = tiny.ask(detail.image, question, look_closer=True, max_new_tokens=8)
@@ -258,9 +247,7 @@ def test_the_crop_tokens_are_cached_like_any_pictures(tiny):
 
 
 def test_the_explanation_covers_the_picture_and_the_crop_and_says_which_is_which(tiny):
-    detail, question, _ = next(
-        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
-    )
+    detail, question, _ = cropping(tiny, cases(12))
     e = tiny.explain(detail.image, question, look_closer=True, max_new_tokens=16)
     assert e.crop is not None and e.crop.pictures == ("crop",)
     assert e.text == tiny.ask(detail.image, question, look_closer=True, max_new_tokens=16)
@@ -291,9 +278,7 @@ def test_the_crops_maps_are_those_of_the_crop_asked_about_alone(tiny, method):
     """Answering from the crop alone is asking about the crop: the crop part of a look-closer explanation equals the
     explanation of the same answer about the crop as a picture of its own (another entry point, no look), for raw
     attention and for relevancy, each word wholly from the crop."""
-    detail, question, _ = next(
-        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
-    )
+    detail, question, _ = cropping(tiny, cases(12))
     e = tiny.explain(detail.image, question, look_closer=True, method=method, max_new_tokens=16)
     alone = tiny.explain(e.crop.image, question, answer=e.text, method=method, max_new_tokens=16)
     assert alone.tokens == e.tokens
@@ -306,9 +291,7 @@ def test_the_crops_maps_are_those_of_the_crop_asked_about_alone(tiny, method):
 
 @pytest.mark.parametrize("method", ["attention", "relevancy"])
 def test_maps_of_an_answer_from_the_picture_and_its_crop_split_each_word_between_them(tiny, method):
-    detail, question, _ = next(
-        d for d in _details(12) if tiny.prepare(tiny.question(d[0].image, d[1], look_closer=True)).crop
-    )
+    detail, question, _ = cropping(tiny, cases(12))
     e = tiny.explain(detail.image, question, look_closer={"view": "both"}, method=method, max_new_tokens=16)
     assert e.crop.pictures == ("original", "crop") and e.method == method
     np.testing.assert_allclose(e.token_maps.sum(axis=(1, 2)), 1.0, atol=1e-9)
@@ -334,7 +317,7 @@ def test_bad_look_closer_options_are_refused_before_any_model_work(tiny):
 
 
 def test_a_stop_before_the_look_ends_the_answer_at_once(tiny):
-    detail, question, _ = _details(1)[0]
+    detail, question, _ = cases(1)[0]
     stop = threading.Event()
     stop.set()
     assert list(tiny.stream(detail.image, question, look_closer=True, stop_event=stop)) == []
@@ -344,7 +327,7 @@ def test_the_look_closer_question_pickles_whole(tiny):
     """ZeroGPU hands the question and its look to a forked worker, and the crop back."""
     import pickle
 
-    detail, question, _ = _details(1)[0]
+    detail, question, _ = cases(1)[0]
     q = tiny.question(detail.image, question, look_closer={"view": "both"})
     assert pickle.loads(pickle.dumps(q)).look_closer == LookCloser(view="both")
     inputs = tiny.prepare(q)

@@ -6,15 +6,14 @@ answers come from the library itself (``vlm.ask`` with the page's default settin
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from browser import click_example, launch, open_app, read_answer, skip_without_browser, toasts
 from served import serve
+from small_detail_cases import cases, cropping
 
 import app as app_module
 from blipdemo.decoding import INSTRUCTBLIP_DEFAULTS
-from blipdemo.tiny import small_details
 
 pytestmark = pytest.mark.browser
 EXAMPLES = app_module.ASSETS / "examples"
@@ -49,12 +48,7 @@ def ask(page, question: str, turns: int = 1) -> str:
 
 def test_look_closer_answers_from_the_crop_and_shows_where(served, browser, tmp_path):
     vlm, url = served
-    rng = random.Random(4)
-    for _ in range(20):  # a picture whose question makes the model crop (most do)
-        detail = small_details.small_detail(rng)
-        question, _ = small_details.question(detail, "color", rng)
-        if vlm.prepare(vlm.question(detail.image, question, look_closer=True)).crop is not None:
-            break
+    detail, question, _ = cropping(vlm, cases(20, seed=4, family="color"))
     path = tmp_path / "small-detail.png"
     detail.image.save(path)
     expected = vlm.ask(str(path), question, look_closer=True, **PAGE_DEFAULTS)

@@ -32,6 +32,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 from served import free_port
+from small_detail_cases import cases, cropping
 from zerogpu_api import DeviceAPI, Lease
 
 from blipdemo import gpu
@@ -401,19 +402,11 @@ def test_a_look_closer_turn_runs_its_whole_look_in_one_call_and_shows_where(spac
     GPU call, on the reused worker, under a lease that counts the look; the answer is the plain library's look-closer
     answer, and the page gets the picture with its box beside the crop. A remap with other layers then maps the same
     answer from the same crop (the crop travels with the shown answer)."""
-    import random
-
-    from blipdemo.tiny import small_details
     from blipdemo.ui.chat import decoding_fields
     from blipdemo.ui.maps import ALL, MapsPanel
 
     vlm, key = reference
-    rng = random.Random(4)
-    for _ in range(20):  # a picture whose question makes the model crop (most do)
-        detail = small_details.small_detail(rng)
-        question, _ = small_details.question(detail, "color", rng)
-        if vlm.prepare(vlm.question(detail.image, question, look_closer=True)).crop is not None:
-            break
+    detail, question, _ = cropping(vlm, cases(20, seed=4, family="color"))
     path = tmp_path / "small-detail.png"
     detail.image.save(path)
     attention, layer_one = ("Attention", ALL, ALL, ALL, ALL), ("Attention", "1", ALL, ALL, ALL)
