@@ -22,6 +22,7 @@ from ..decoding import INSTRUCTBLIP_DEFAULTS
 from ..feedback import FeedbackLog
 from ..gpu import register
 from ..heatmap import legend_css
+from . import sessions
 from .chat import BEAM, SAMPLE, Chat, earlier_turns_text, parse_earlier_turns
 from .conversations import new_id
 from .feedback import FEEDBACK_OPTIONS, Ratings
@@ -217,7 +218,7 @@ class Demo:
         # Checks go through the queue: Gradio shows the message of a failed event only for queued events. They
         # decode the image (bombs are refused from the header), so a few at a time, beside the model's group.
         checking = {"api_visibility": "private", "concurrency_limit": 4, "concurrency_id": "check"}
-        with gr.Blocks(title="blipdemo — chat about an image") as demo:
+        with sessions.Blocks(title="blipdemo — chat about an image") as demo:
             # The visitor's conversations, kept in their browser (nothing on the server): see ui/conversations.py.
             kept = gr.BrowserState([], storage_key=BROWSER_KEY, secret=BROWSER_SECRET)
             conversation = gr.State(new_id)  # the id the chat on screen is kept under
