@@ -128,13 +128,15 @@ class Visitor:
             with image.open("rb") as f:
                 path = http.post(self.url + "gradio_api/upload", files={"files": (image.name, f)}).json()[0]
             picture = {"path": path, "orig_name": image.name, "meta": {"_type": "gradio.FileData"}}
-            data = [picture, question, [], True, True, *LONG, *MAP_SETTINGS]
+            data = [picture, question, [], True, True, False, *LONG, *MAP_SETTINGS]
             body = {"data": data, "fn_index": self.fn_chat, "session_hash": session, "event_data": None}
             http.post(self.url + "gradio_api/queue/join", json={**body, "trigger_id": None}).raise_for_status()
             with http.stream("GET", self.url + "gradio_api/queue/data", params={"session_hash": session}) as stream:
                 for line in stream.iter_lines():
-                    if "process_generating" in line or "process_completed" in line:
-                        break  # leaving the block closes the connection
+                    if "process_generating" in line:
+                        break  # the answer has started: leaving the block closes the connection
+                    if "process_completed" in line:  # it ended before it began: a refused request, not a vanish
+                        return {"kind": "vanish", "error": f"ended before the answer started: {line[:200]}"}
         return {"kind": "vanish"}
 
     def hostile(self, which: str, files: dict[str, Path], image: Path) -> dict:

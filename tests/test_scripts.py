@@ -254,3 +254,14 @@ def test_look_closer_benchmark_short():
     assert re.search(r"with look-closer \(default\) \d+ ms: \d+\.\d\dx", stdout)
     for row in ("color", "where", "describe", "follow-up"):
         assert re.search(rf"\| {row} \| \d+\.\d% \| \d+\.\d% \|", stdout), row
+
+
+def test_soak_short():
+    """The short version of benchmarks/soak.py: chat turns, Stops, visitors who vanish mid-answer and hostile input
+    from 8 visitors at once; the script exits non-zero on any error, unclear refusal, changed answer, missing map or
+    traceback in the server's log. A vanish must have seen its answer start (it once sent a stale payload that the app
+    refused at once, and counted that as a vanish). Memory is judged by the full run only (README)."""
+    stdout = run("benchmarks/soak.py", "--requests", "60", "--clients", "8", "--sample", "0.2")
+    sent = {kind: int(n) for kind, n, _ in re.findall(r"\n\| (chat|stop|vanish|hostile) \| (\d+) \| (\d+) \|", stdout)}
+    assert all(sent.get(kind) for kind in ("chat", "stop", "vanish", "hostile")), stdout
+    assert "errors by kind: none" in stdout and "the server stayed up" in stdout, stdout
