@@ -131,8 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--session-capacity",
         type=int,
         default=int(_env("SESSION_CAPACITY", 256)),
-        help="visitors' sessions kept in memory (each holds its last answer's maps and picture, and Gradio keeps a "
-        "closed one for an hour): the oldest go beyond this [BLIPDEMO_SESSION_CAPACITY; default 256]",
+        help="visitors' sessions kept in memory (each holds its last answer's maps and an 800-pixel copy of its "
+        "picture, some tens of KiB besides; Gradio keeps a closed one for an hour): the oldest go beyond this "
+        "[BLIPDEMO_SESSION_CAPACITY; default 256]",
     )
     p.add_argument(
         "--time-limit",

@@ -15,10 +15,12 @@ caches are full every new shape stays (``benchmarks/soak.py``: the server grew b
 at the default settings). A decoding step reuses a handful of shapes ((rows, width) against each weight), so small
 caches still hit on every step after the first. The two bounds differ because the costs do: an ideep miss only
 rebuilds a descriptor (~0.01–0.1 ms; the kernel comes from oneDNN's cache), and its cache is multiplied by the
-threads that run matmuls (the batch thread, the maps' worker threads), so it is kept at 64; a oneDNN miss compiles a
-kernel (~0.5 ms), and at 64 a batch's start missed 3 times as often as at the default, at 256 no more often, for
-tens of MiB once (README, the soak section). Only the app (``app.py``) sets these: the library leaves the caches of a
-process it is imported into alone.
+threads that run matmuls (the batch thread, the maps' and looks' worker threads, which come and go with the load),
+so it is kept at 16, which holds a decoding step's few shapes: at 64 the soak's server still grew with its
+long-lived threads' caches (+4.8% and +9.9% after the first 10%, against +0.3% twice at 16, with no cost per token
+that this machine can measure); a oneDNN miss compiles a kernel (~0.5 ms), and at 64 a batch's start missed 3 times
+as often as at the default, at 256 no more often, for tens of MiB once (README, the soak section). Only the app
+(``app.py``) sets these: the library leaves the caches of a process it is imported into alone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 
 LRU = "LRU_CACHE_CAPACITY"  # ideep's per-thread cache of primitive descriptors
 ONEDNN = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's per-process cache of primitives
-DESCRIPTORS = 64  # ideep's entries per thread
+DESCRIPTORS = 16  # ideep's entries per thread
 PRIMITIVES = 256  # oneDNN's entries per process
 
 

@@ -52,7 +52,7 @@ def test_bound_sets_both_caches_where_the_environment_does_not(unset, monkeypatc
     assert kernel_caches.bound(32, 128) == {kernel_caches.LRU: "32", kernel_caches.ONEDNN: "128"}
     monkeypatch.setenv(kernel_caches.ONEDNN, "512")  # an operator's own value wins
     monkeypatch.delenv(kernel_caches.LRU)
-    assert kernel_caches.bound() == {kernel_caches.LRU: "64", kernel_caches.ONEDNN: "512"}
+    assert kernel_caches.bound() == {kernel_caches.LRU: str(kernel_caches.DESCRIPTORS), kernel_caches.ONEDNN: "512"}
 
 
 @pytest.mark.parametrize("capacity", [0, -1, 1.5, "64"])
@@ -75,7 +75,7 @@ def test_app_main_bounds_the_caches_before_the_model_is_built(unset, monkeypatch
     monkeypatch.setattr(app_module, "build_demo", build_demo)
     with pytest.raises(SystemExit):
         app_module.main([])
-    assert seen == {kernel_caches.LRU: "64", kernel_caches.ONEDNN: "256"}
+    assert seen == {kernel_caches.LRU: "16", kernel_caches.ONEDNN: "256"}
 
 
 def _growth(mode: str) -> float:
