@@ -7,7 +7,7 @@ check made, the chat's id), Gradio 6.31 keeps in each a copy of the config of ev
 (``config_values``: every prop and the API's JSON schemas), and it recomputes the config of every input and output
 of every event the visitor runs. That copy serves one Gradio feature only, deep links (``gr.DeepLinkButton``, which
 this app does not have). Measured with ``tracemalloc`` on this page: 200 KiB per session, against 5 KiB of the
-app's own state; so 256 sessions held 50 MiB, most of what ``benchmarks/soak.py`` saw grow.
+app's own state; so 256 sessions held 50 MiB, a good part of what ``benchmarks/soak.py`` saw grow.
 
 Here the same configs are made when something reads them (the deep-link route), not for every session and event:
 ``_LazyConfigs`` is the dict Gradio reads, filled on access from the session's own blocks, with the input values
@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from copy import copy
 from typing import Any
@@ -39,10 +40,14 @@ class _LazyConfigs(Mapping):
     blocks made while the session's events ran that Gradio would have written a config for."""
 
     def __init__(self, session: LeanSession) -> None:
-        self.session = session
+        self._session = weakref.ref(session)  # no cycle: an evicted session (and its state) is freed at once
         self.made: dict[int, dict] = {}
         self.values_in: dict[int, Any] = {}  # block id → the value Gradio writes into its config's props
         self.extra: dict[int, None] = {}  # blocks outside the page Gradio's copy would hold, in its order
+
+    @property
+    def session(self) -> LeanSession:
+        return self._session()
 
     def _keys(self) -> list[int]:
         page = self.session.block_ids
