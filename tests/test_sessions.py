@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tracemalloc
 
 import gradio as gr
@@ -29,8 +30,6 @@ def served():
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    import random
-
     rng = random.Random(3)
     folder = tmp_path_factory.mktemp("sessions")
     paths = []
@@ -57,8 +56,8 @@ def turns(client: Client, pictures) -> list[str]:
 
 def test_the_app_keeps_lean_sessions_that_give_what_gradios_own_give(served, pictures):
     """Two visitors run the same turns: one in a lean session (the app's), one in Gradio's own ``SessionState``
-    (put in the store before its first request). Same answers, same state kept, same blocks, and the same deep link
-    (Gradio's route hashes every component's config: equal hashes, equal configs)."""
+    (put in the store before its first request). Same answers, same state kept, same blocks, and the same configs
+    for Gradio's deep-link route, compared whole; and the route works on a lean session."""
     demo, url = served
     holder = demo.state_holder
     assert type(holder) is sessions.LeanStateHolder
@@ -104,7 +103,7 @@ def test_the_app_keeps_lean_sessions_that_give_what_gradios_own_give(served, pic
 
 def test_a_lean_session_holds_a_fraction_of_gradios_own(served, pictures):
     """What a session costs in memory (``tracemalloc``), made as the store makes it and after one chat event's
-    input values are written, as Gradio's preprocess does: Gradio's own copy every component's config."""
+    input values are written, as Gradio's preprocess does: Gradio's own copies every component's config."""
     demo, _ = served
     chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
     inputs = [b._id for b in chat.inputs]
