@@ -31,7 +31,6 @@ from gradio.components import State
 from gradio.state_holder import SessionState, StateHolder
 
 log = logging.getLogger(__name__)
-_UNSET = object()
 
 
 class _LazyConfigs(Mapping):
@@ -70,19 +69,23 @@ class _LazyConfigs(Mapping):
     def __len__(self) -> int:
         return len(self._keys())
 
-    def changed(self, key: int, value: Any = _UNSET) -> None:
-        """Gradio would write this block's config now (with ``value`` in its props, where given): made again when
-        read."""
-        if key not in self.session.block_ids:
-            self.extra.setdefault(key)
-        if value is _UNSET:
-            self.made.pop(key, None)
-            self.values_in.pop(key, None)
-        elif key in self.made:
-            if "props" in self.made[key]:
-                self.made[key]["props"]["value"] = value
-        else:
+    def changed(self, key: int) -> None:
+        """Gradio would write this block's config now: it is made again when read."""
+        self._written(key)
+        self.made.pop(key, None)
+        self.values_in.pop(key, None)
+
+    def value_in(self, key: int, value: Any) -> None:
+        """Gradio would write ``value`` into this block's config's props now."""
+        self._written(key)
+        if key not in self.made:
             self.values_in[key] = value
+        elif "props" in self.made[key]:
+            self.made[key]["props"]["value"] = value
+
+    def _written(self, key: int) -> None:
+        if key not in self.session.block_ids:  # a block made while an event ran: Gradio's copy holds it from now on
+            self.extra.setdefault(key)
 
 
 class LeanSession(SessionState):
@@ -112,7 +115,7 @@ class LeanSession(SessionState):
             self.config_values.changed(key)
 
     def _update_value_in_config(self, key: int, value: Any) -> None:
-        self.config_values.changed(key, value)
+        self.config_values.value_in(key, value)
 
 
 class LeanStateHolder(StateHolder):
