@@ -15,6 +15,18 @@ Recipe (the numbers chose it; see the README):
    up to ``history_turns`` earlier turns of the same chat, built into the prompt by ``blipdemo.prompts``
    exactly as the app builds it; the saved config says so, and the app keeps that many turns.
    No loss ever touches attention weights: the maps must earn their localization.
+4. Stage 3, framing: a crop that look-closer cuts around a small detail holds the scene with a margin of
+   background, and a model taught only on scenes that fill the picture reads such a crop poorly. So the whole
+   model (the ViT unfrozen, with fresh per-patch heads that also learn "outside the scene") trains on a mix:
+   half the batch as in stages 1-2, half Version 1 scenes pasted into a canvas of up to ``framing_max`` times
+   their side (the background gray around them) and asked the questions that do not depend on the picture's
+   frame. ``framing_max`` stays under 3: Version 3 pictures (3 to 6 times) judge look-closer and are never
+   trained on. ``framing_rounds`` cosine cycles (warm restarts), each with fresh heads and fresh framed scenes.
+
+Stage 3 alone, from a saved checkpoint (what made the shipped one: see the README):
+
+    python -m blipdemo.tiny.train --init <stages 1-2 checkpoint> --framing-rounds 1 --out <dir>
+    python -m blipdemo.tiny.train --init <dir> --first-round 1 --out <dir 2>
 
 Per-family exact-match accuracy on held-out scenes is logged as training goes (teacher-forced: every
 answer token is the argmax ⇔ greedy decoding returns exactly the answer).
@@ -32,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -89,6 +102,13 @@ class TinyConfig:
     warmup: int = 200
     batch_size: int = 64
     eval_every: int = 1000  # as the shipped checkpoint was trained (its training_log.json records the config)
+    framing_steps: int = 2000
+    framing_lr: float = 2e-4
+    framing_scenes: int = 8000
+    framing_max: float = 2.0  # canvas side / scene side, drawn uniformly in [1, framing_max]
+    framing_share: float = 0.5  # of each stage-3 batch
+    framing_rounds: int = 2
+    framing_eval_every: int = 250
     history_turns: int = 2  # earlier chat turns a question may come after (and the app keeps)
     seed: int = 0
 
@@ -107,34 +127,74 @@ FAMILY_WEIGHTS = {
 }
 
 
+# Stage-3 families of a framed scene: those whose answer does not depend on where the picture's frame is.
+FRAMED_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 0.7, "exists": 1.0, "absent": 1.3}
+OUTSIDE = 9  # stage-3 cell label of a patch outside the scene
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where a 224-px scene lies in its picture: top-left corner and the (square) picture's side, px."""
+
+    x0: int = 0
+    y0: int = 0
+    side: int = scenes.SIZE
+
+
+def framed(scene: scenes.Scene, rng: random.Random, max_scale: float) -> tuple[Image.Image, Frame]:
+    """The scene pasted at a random place into a square canvas of its own gray, side 224..224·max_scale."""
+    side = round(scenes.SIZE * rng.uniform(1.0, max_scale))
+    canvas = Image.new("RGB", (side, side), (scene.background,) * 3)
+    frame = Frame(rng.randint(0, side - scenes.SIZE), rng.randint(0, side - scenes.SIZE), side)
+    canvas.paste(scenes.render(scene, rng), (frame.x0, frame.y0))
+    return canvas, frame
+
+
 # --------------------------------------------------------------------------------------------------
 # Data
-def render_set(n: int, seed: int, processor) -> tuple[list[scenes.Scene], torch.Tensor]:
-    """``n`` scenes and their pixel values (n, 3, S, S) as float16, through the real image processor."""
+def render_set(
+    n: int, seed: int, processor, framing_max: float = 1.0
+) -> tuple[list[scenes.Scene], list[Frame], torch.Tensor]:
+    """``n`` scenes, where each lies in its picture, and the pixel values (n, 3, S, S) as float16.
+
+    With ``framing_max`` > 1 each scene is pasted into a larger canvas (``framed``); the pictures then go
+    through ``scenes.degrade`` and the checkpoint's own image processor either way.
+    """
     rng = random.Random(seed)
-    all_scenes, chunks, images = [], [], []
+    all_scenes, frames, chunks, images = [], [], [], []
     for _ in tqdm(range(n), desc=f"render (seed {seed})", leave=False):
         scene = scenes.sample_scene(rng)
         all_scenes.append(scene)
-        images.append(scenes.degrade(scenes.render(scene, rng), rng))
+        if framing_max > 1.0:
+            image, frame = framed(scene, rng, framing_max)
+        else:
+            image, frame = scenes.render(scene, rng), Frame()
+        frames.append(frame)
+        images.append(scenes.degrade(image, rng))
         if len(images) == 500:
             chunks.append(processor(images=images, return_tensors="pt")["pixel_values"].half())
             images = []
     if images:
         chunks.append(processor(images=images, return_tensors="pt")["pixel_values"].half())
-    return all_scenes, torch.cat(chunks)
+    return all_scenes, frames, torch.cat(chunks)
 
 
-def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, torch.Tensor]:
-    """Per-patch cell / shape / color / on-object labels and the count, for the stage-1 heads."""
-    step = scenes.SIZE / grid
+def patch_targets(scene: scenes.Scene, grid: int, frame: Frame = Frame()) -> dict[str, torch.Tensor]:
+    """Per-patch cell / shape / color / on-object labels and the count, for the stage-1 and stage-3 heads.
+
+    A patch whose centre lies outside the scene (only in a framed picture) has cell ``OUTSIDE`` and no object.
+    """
+    step = frame.side / grid
     cell_size = scenes.SIZE / 3
     by_cell = {o.cell: o for o in scene.objects}
     cell, shape, color, on = (torch.zeros(grid * grid, dtype=torch.long) for _ in range(4))
     for r in range(grid):
         for c in range(grid):
-            x, y = (c + 0.5) * step, (r + 0.5) * step
+            x, y = (c + 0.5) * step - frame.x0, (r + 0.5) * step - frame.y0  # in the scene's own pixels
             i = r * grid + c
+            if not (0 <= x < scenes.SIZE and 0 <= y < scenes.SIZE):
+                cell[i] = OUTSIDE
+                continue
             cell_index = int(y // cell_size) * 3 + int(x // cell_size)
             cell[i] = cell_index
             obj = by_cell.get(scenes.CELLS[cell_index])
@@ -149,9 +209,9 @@ def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, torch.Tensor]:
 class VisionHeads(nn.Module):
     """Throw-away stage-1 heads; not part of the checkpoint."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, cells: int = 9) -> None:
         super().__init__()
-        self.cell, self.shape, self.color, self.on = (nn.Linear(width, k) for k in (9, 4, 7, 2))
+        self.cell, self.shape, self.color, self.on = (nn.Linear(width, k) for k in (cells, 4, 7, 2))
         self.count = nn.Linear(width, 3)
 
     def losses(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -351,8 +411,8 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     vlm.image_processor = image_processor
     print(f"parameters: {sum(p.numel() for p in vlm.model.parameters()) / 1e6:.2f} M")
 
-    train_scenes, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, image_processor)
-    eval_scenes, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, image_processor)
+    train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, image_processor)
+    eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, image_processor)
     grid = cfg.image_size // cfg.patch_size
     targets = [patch_targets(s, grid) for s in train_scenes]
     stacked = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
@@ -416,13 +476,171 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
             history.append({"step": step + 1, **accs})
             tqdm.write(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in accs.items()))
 
+    framing = framing_stage(vlm, cfg, (train_scenes, train_pix), (eval_scenes, eval_pix))
     minutes = (time.time() - start) / 60
     # What the app reads to decide how many earlier turns go into a prompt (no special case for this model).
     vlm.config.blipdemo = {"history_turns": cfg.history_turns}
     save(vlm, processor, out_dir)
-    report = {"config": asdict(cfg), "stage1": stage1, "history": history, "minutes": round(minutes, 1)}
+    report = {
+        "config": asdict(cfg),
+        "stage1": stage1,
+        "history": history,
+        "framing": framing,
+        "minutes": round(minutes, 1),
+    }
     (out_dir / "training_log.json").write_text(json.dumps(report, indent=1))
     print(f"saved {out_dir} after {minutes:.1f} min")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: framing
+def framed_dialogue(scene: scenes.Scene, family: str, rng: random.Random) -> scenes.Dialogue:
+    """A single-turn question about a framed scene, of a family in ``FRAMED_WEIGHTS``.
+
+    Absent objects are asked in their color and shape forms only: "Where is …" names a cell of the scene, and
+    in a framed picture the scene's cells are not the picture's.
+    """
+    while True:
+        d = scenes.dialogue(scene, family, rng, earlier=0)
+        if not d.question.lower().startswith("where"):
+            return d
+
+
+def framing_stage(vlm: Service, cfg: TinyConfig, plain: tuple, plain_eval: tuple, first_round: int = 0) -> dict:
+    """Stage 3: the whole model on plain and framed scenes (see the module docstring); returns its log.
+
+    ``framing_rounds`` rounds, each a cosine cycle of ``framing_steps`` with fresh heads and fresh framed scenes
+    (warm restarts: one cycle's decay is where the framed families gain most). ``plain`` and ``plain_eval`` are
+    (scenes, pixel values) as stages 1-2 used them. Every random draw comes from generators seeded by
+    ``cfg.seed`` and the round, so a round draws the same data and heads whether it follows the one before in
+    one run or starts from its saved checkpoint (``--init`` with ``--first-round``).
+    """
+    if cfg.framing_steps <= 0 or first_round >= cfg.framing_rounds:
+        return {"rounds": []}
+    if not 1.0 < cfg.framing_max < 3.0:
+        raise ValueError("framing_max must lie in (1, 3): Version 3 pictures (3x-6x) are never trained on.")
+    framed_eval = render_set(300, cfg.seed * 1000 + 32, vlm.image_processor, cfg.framing_max)
+    grid = cfg.image_size // cfg.patch_size
+    plain_targets = [patch_targets(s, grid) for s in plain[0]]
+    rounds = []
+    for r in range(first_round, cfg.framing_rounds):
+        history = framing_round(vlm, cfg, r, (*plain, plain_targets), plain_eval, framed_eval)
+        rounds.append({"round": r + 1, "history": history})
+    vlm.model.requires_grad_(False)
+    vlm.model.eval()
+    return {"rounds": rounds}
+
+
+def framing_round(vlm: Service, cfg: TinyConfig, r: int, plain: tuple, plain_eval: tuple, framed_eval) -> list:
+    """One stage-3 cycle (round ``r``, from 0); returns its evaluations, before it and every so many steps."""
+    grid = cfg.image_size // cfg.patch_size
+    framed_scenes, framed_frames, framed_pix = render_set(
+        cfg.framing_scenes, cfg.seed * 1000 + 31 + 10 * r, vlm.image_processor, cfg.framing_max
+    )
+    plain_scenes, plain_pix, plain_targets = plain
+    framed_targets = [patch_targets(s, grid, f) for s, f in zip(framed_scenes, framed_frames, strict=True)]
+
+    torch.manual_seed(cfg.seed + 13 + r)
+    heads = VisionHeads(cfg.vision_width, cells=OUTSIDE + 1)
+    model = vlm.model
+    model.requires_grad_(True)
+    model.train()
+    # The fresh heads learn at stage 1's rate; the trained model moves at a fine-tune's. Each is clipped on
+    # its own, so the heads' large early gradients do not shrink the model's steps.
+    params, head_params = list(model.parameters()), list(heads.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": params, "peak": cfg.framing_lr}, {"params": head_params, "peak": cfg.vit_lr}], weight_decay=0.01
+    )
+    rng = random.Random(cfg.seed + 17 + r)
+    n_framed = round(cfg.batch_size * cfg.framing_share)
+    history = [{"step": 0, **framing_eval(vlm, cfg, plain_eval, framed_eval)}]
+    name = f"framing round {r + 1}"
+    tqdm.write(f"{name} step 0: " + "  ".join(f"{k} {v:.2f}" for k, v in history[-1].items() if k != "step"))
+    bar = tqdm(range(cfg.framing_steps), desc=f"stage 3 ({name})")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.framing_steps, g["peak"], cfg.warmup)
+        families = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()), k=cfg.batch_size - n_framed)
+        p_idx = [pick_scenes(plain_scenes, family, 1, rng)[0] for family in families]
+        items = [
+            sample_dialogue(plain_scenes[i], family, rng, cfg.history_turns)
+            for i, family in zip(p_idx, families, strict=True)
+        ]
+        families = rng.choices(list(FRAMED_WEIGHTS), weights=list(FRAMED_WEIGHTS.values()), k=n_framed)
+        f_idx = [rng.randrange(len(framed_scenes)) for _ in families]
+        items += [framed_dialogue(framed_scenes[i], family, rng) for i, family in zip(f_idx, families, strict=True)]
+        pix = torch.cat([plain_pix[p_idx], framed_pix[f_idx]]).float()  # (B, 3, S, S)
+        targets = [plain_targets[i] for i in p_idx] + [framed_targets[i] for i in f_idx]
+        targets = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+        batch = qa_batch(vlm, items)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.vision_model(pix)  # (B, 1 + P, Dv)
+            out = vlm(image_embeds=tokens, **batch)
+        head_loss, _ = heads.losses(tokens, targets)
+        loss = out.loss + head_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(head_params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(lm=f"{out.loss.item():.3f}", heads=f"{head_loss.item():.3f}")
+        if (step + 1) % cfg.framing_eval_every == 0 or step + 1 == cfg.framing_steps:
+            history.append({"step": step + 1, **framing_eval(vlm, cfg, plain_eval, framed_eval)})
+            tqdm.write(
+                f"{name} step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in history[-1].items() if k != "step")
+            )
+    return history
+
+
+def framing_eval(vlm: Service, cfg: TinyConfig, plain_eval: tuple, framed_eval: tuple) -> dict[str, float]:
+    """Teacher-forced exact match: every family on plain scenes, and the framed families on framed ones."""
+    model = vlm.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_feats = torch.cat(
+            [model.vision_model(plain_eval[1][i : i + 300].float()) for i in range(0, len(plain_eval[1]), 300)]
+        )
+        result = evaluate_teacher_forced(vlm, plain_feats, plain_eval[0], cfg.seed + 5, cfg.history_turns)
+        f_scenes, _, f_pix = framed_eval
+        f_feats = model.vision_model(f_pix.float())
+        rng = random.Random(cfg.seed + 19)
+        for family in FRAMED_WEIGHTS:
+            idx = [rng.randrange(len(f_scenes)) for _ in range(100)]
+            batch = qa_batch(vlm, [framed_dialogue(f_scenes[i], family, rng) for i in idx])
+            out = vlm(image_embeds=f_feats[idx].float(), **batch)
+            result[f"framed {family}"] = exact_match(vlm, out, batch).float().mean().item()
+    model.train(was_training)
+    return {k: round(v, 3) for k, v in result.items()}
+
+
+def framing_from(cfg: TinyConfig, init: Path, out_dir: Path, first_round: int = 0) -> dict:
+    """Stage 3 alone, from a saved checkpoint (``--init``): stages 1-2's, or (``first_round`` > 0) the one that
+    many rounds of stage 3 saved. Renders stages 1-2's scenes, trains the remaining rounds, saves.
+
+    The checkpoint's ``training_log.json`` is kept, with these rounds added to it.
+    """
+    from ..api import load
+
+    start = time.time()
+    before = json.loads((init / "training_log.json").read_text())
+    done = before.get("framing", {}).get("rounds", [])
+    if [r["round"] for r in done] != list(range(1, first_round + 1)):
+        raise ValueError(f"{init} has stage-3 rounds {[r['round'] for r in done]}, not the {first_round} asked for")
+    vlm = load(str(init), dtype="float32")
+    processor = InstructBlipProcessor.from_pretrained(init)
+    train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, vlm.image_processor)
+    eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, vlm.image_processor)
+    framing = framing_stage(vlm, cfg, (train_scenes, train_pix), (eval_scenes, eval_pix), first_round)
+    save(vlm, processor, out_dir)
+    minutes = (time.time() - start) / 60
+    for r in framing["rounds"]:
+        r.update({"from": str(init), "minutes": round(minutes / len(framing["rounds"]), 1)})
+    report = {**before, "config": asdict(cfg), "framing": {"rounds": [*done, *framing["rounds"]]}}
+    (out_dir / "training_log.json").write_text(json.dumps(report, indent=1))
+    print(f"saved {out_dir} after {minutes:.1f} min (stage 3)")
     return report
 
 
@@ -449,12 +667,17 @@ def save(vlm: Service, processor, out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("assets/shapes-instructblip"))
+    parser.add_argument("--init", type=Path, help="run stage 3 alone, from this checkpoint")
+    parser.add_argument("--first-round", type=int, default=0, help="with --init: stage-3 rounds it has done")
     for name, value in asdict(TinyConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
     cfg = TinyConfig(**{k: getattr(args, k) for k in asdict(TinyConfig())})
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(cfg, args.out)
+    if args.init is not None:
+        framing_from(cfg, args.init, args.out, args.first_round)
+    else:
+        train(cfg, args.out)
 
 
 if __name__ == "__main__":
