@@ -172,7 +172,7 @@ def tiny():
     return blipdemo.load(EMBEDDED_MODEL, dtype="float32")
 
 
-def test_the_embedded_model_finds_the_small_scene_and_answers_some_only_when_it_looks_closer(tiny):
+def test_the_embedded_model_finds_the_small_scene_and_answers_most_only_when_it_looks_closer(tiny):
     right = lambda text, answer: scenes.normalize_answer(text) == answer  # noqa: E731
     only_closer = plain_right = closer_right = inside = 0
     details = cases(40)
@@ -187,9 +187,11 @@ def test_the_embedded_model_finds_the_small_scene_and_answers_some_only_when_it_
             x0, y0, x1, y1 = inputs.crop.box
             sx0, sy0, sx1, sy1 = detail.box
             inside += x0 <= (sx0 + sx1) / 2 <= x1 and y0 <= (sy0 + sy1) / 2 <= y1
-    assert only_closer >= 3, "look-closer must answer some small details the picture alone gets wrong"
-    assert closer_right > plain_right
-    assert inside >= 0.6 * len(details), "the crop should frame the small scene's centre for most pictures"
+    # Measured on these 40 (float32, 2026-12-07): 15 right from the picture alone, 37 with look-closer, 23 of them
+    # only with it, 36 crops around the scene's centre. The bounds leave room for another CPU's rounding.
+    assert only_closer >= 15, "look-closer must answer the small details the picture alone gets wrong"
+    assert closer_right >= 0.8 * len(details) and closer_right > plain_right
+    assert inside >= 0.8 * len(details), "the crop should frame the small scene's centre for most pictures"
 
 
 def test_a_small_picture_is_answered_whole(tiny):

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import reference_env
+import torch
 from conftest import OFFLINE
 
 import blipdemo
 from blipdemo.attention import AGGREGATIONS, METHODS
 from blipdemo.tiny import EMBEDDED_MODEL, scenes
 from blipdemo.tiny.evaluate import EVAL_SEED
+from blipdemo.tiny.train import FRAMED_WEIGHTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Per script, a guard against a hang on a busy 2-core CI, not a timing check: each takes 5-30 s there.
@@ -51,16 +53,50 @@ def run(*args: str) -> str:
 def test_train_a_few_steps(tmp_path):
     out = tmp_path / "model"
     steps = ["--vit-steps", "3", "--qa-steps", "3", "--eval-every", "1000", "--warmup", "1", "--batch-size", "8"]
+    steps += ["--framing-steps", "2", "--framing-scenes", "16", "--framing-eval-every", "1000"]
     stdout = run("-m", "blipdemo.tiny.train", "--out", str(out), "--train-scenes", "64", "--eval-scenes", "16", *steps)
     assert f"saved {out}" in stdout
     log = json.loads((out / "training_log.json").read_text())
     assert (log["config"]["vit_steps"], log["config"]["qa_steps"]) == (3, 3)
     assert [h["step"] for h in log["history"]] == [3]  # the final evaluation
     assert set(log["history"][0]) == {"step", *scenes.FAMILIES}
+    # Stage 3: each round evaluated before it began and at its end, every family plain and the framed ones framed.
+    rounds = log["framing"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and all([h["step"] for h in r["history"]] == [0, 2] for r in rounds)
+    framed = {f"framed {family}" for family in FRAMED_WEIGHTS}
+    assert set(rounds[-1]["history"][-1]) == {"step", *scenes.FAMILIES, *framed}
     # What it saved is a checkpoint in the published layout that loads and answers (a wrong answer is fine here).
     rng = random.Random(0)
     image = scenes.render(scenes.sample_scene(rng), rng)
     assert isinstance(blipdemo.load(out, dtype="float32").ask(image, "Describe the image."), str)
+
+
+def test_framing_rounds_go_on_from_a_checkpoint(tmp_path):
+    """``--init`` with ``--first-round``: more stage-3 rounds from a saved checkpoint, whose log it keeps."""
+    shipped = json.loads((EMBEDDED_MODEL / "training_log.json").read_text())
+    done = len(shipped["framing"]["rounds"])
+    out = tmp_path / "model"
+    args = ["--init", str(EMBEDDED_MODEL), "--out", str(out), "--train-scenes", "32", "--eval-scenes", "16"]
+    args += ["--framing-steps", "2", "--framing-scenes", "16", "--warmup", "1", "--batch-size", "8"]
+    stdout = run("-m", "blipdemo.tiny.train", *args, "--first-round", str(done), "--framing-rounds", str(done + 1))
+    assert f"saved {out}" in stdout
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["history"] == shipped["history"] and log["stage1"] == shipped["stage1"]
+    assert log["framing"]["rounds"][:done] == shipped["framing"]["rounds"]
+    added = log["framing"]["rounds"][done:]
+    assert [r["round"] for r in added] == [done + 1] and added[0]["from"] == str(EMBEDDED_MODEL)
+    assert log["config"]["framing_steps"] == 2
+    # Asked to go on from a round it has not reached, it refuses before any work.
+    with pytest.raises(AssertionError, match="has stage-3 rounds"):
+        run("-m", "blipdemo.tiny.train", *args, "--first-round", str(done + 1), "--framing-rounds", str(done + 2))
+    trained, before = blipdemo.load(out, dtype="float32"), blipdemo.load(EMBEDDED_MODEL, dtype="float32")
+    assert trained.config.blipdemo == before.config.blipdemo  # the app still reads how many turns it keeps
+    moved = [
+        name
+        for (name, a), (_, b) in zip(trained.model.named_parameters(), before.model.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert any(n.startswith("vision_model") for n in moved) and any(n.startswith("language_model") for n in moved)
 
 
 def test_evaluate_the_shipped_model_writes_its_json(tmp_path):
