@@ -363,6 +363,22 @@ def exact_match(vlm: Service, out, batch: dict[str, torch.Tensor]) -> torch.Tens
     return ok.all(dim=1)
 
 
+def sample_items(
+    all_scenes: list[scenes.Scene], k: int, rng: random.Random, max_turns: int
+) -> tuple[list[int], list[scenes.Dialogue]]:
+    """``k`` stage-2 training questions: families by ``FAMILY_WEIGHTS``, a scene that has each, the question in
+    its chat (``sample_dialogue``). Returns the scenes' indices and the dialogues."""
+    families = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()), k=k)
+    idx = [pick_scenes(all_scenes, family, 1, rng)[0] for family in families]
+    items = [sample_dialogue(all_scenes[i], family, rng, max_turns) for i, family in zip(idx, families, strict=True)]
+    return idx, items
+
+
+def scores(accs: dict[str, float]) -> str:
+    """An evaluation's accuracies as one log line: "color 1.00  shape 0.99 …"."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in accs.items() if k != "step")
+
+
 def pick_scenes(all_scenes: list[scenes.Scene], family: str, n: int, rng: random.Random) -> list[int]:
     """``n`` random indices of scenes that have a question of ``family`` (relations need two objects)."""
     picked = []
@@ -456,12 +472,7 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.qa_steps, cfg.qa_lr, cfg.warmup)
-        families = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()), k=cfg.batch_size)
-        idx = [pick_scenes(train_scenes, family, 1, rng)[0] for family in families]
-        items = [
-            sample_dialogue(train_scenes[i], family, rng, cfg.history_turns)
-            for i, family in zip(idx, families, strict=True)
-        ]
+        idx, items = sample_items(train_scenes, cfg.batch_size, rng, cfg.history_turns)
         batch = qa_batch(vlm, items)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = vlm(image_embeds=train_feats[idx].float(), **batch)
@@ -474,9 +485,9 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.qa_steps:
             accs = evaluate_teacher_forced(vlm, eval_feats, eval_scenes, cfg.seed + 5, cfg.history_turns)
             history.append({"step": step + 1, **accs})
-            tqdm.write(f"step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in accs.items()))
+            tqdm.write(f"step {step + 1}: {scores(accs)}")
 
-    framing = framing_stage(vlm, cfg, (train_scenes, train_pix), (eval_scenes, eval_pix))
+    framing = framing_stage(vlm, cfg, (train_scenes, train_pix, targets), (eval_scenes, eval_pix))
     minutes = (time.time() - start) / 60
     # What the app reads to decide how many earlier turns go into a prompt (no special case for this model).
     vlm.config.blipdemo = {"history_turns": cfg.history_turns}
@@ -511,21 +522,19 @@ def framing_stage(vlm: Service, cfg: TinyConfig, plain: tuple, plain_eval: tuple
     """Stage 3: the whole model on plain and framed scenes (see the module docstring); returns its log.
 
     ``framing_rounds`` rounds, each a cosine cycle of ``framing_steps`` with fresh heads and fresh framed scenes
-    (warm restarts: one cycle's decay is where the framed families gain most). ``plain`` and ``plain_eval`` are
-    (scenes, pixel values) as stages 1-2 used them. Every random draw comes from generators seeded by
-    ``cfg.seed`` and the round, so a round draws the same data and heads whether it follows the one before in
-    one run or starts from its saved checkpoint (``--init`` with ``--first-round``).
+    (warm restarts: one cycle's decay is where the framed families gain most). ``plain`` is (scenes, pixel values,
+    per-patch labels) and ``plain_eval`` (scenes, pixel values), as stages 1-2 used them. Every random draw comes
+    from generators seeded by ``cfg.seed`` and the round, so a round draws the same data and heads whether it
+    follows the one before in one run or starts from its saved checkpoint (``--init`` with ``--first-round``).
     """
     if cfg.framing_steps <= 0 or first_round >= cfg.framing_rounds:
         return {"rounds": []}
     if not 1.0 < cfg.framing_max < 3.0:
         raise ValueError("framing_max must lie in (1, 3): Version 3 pictures (3x-6x) are never trained on.")
     framed_eval = render_set(300, cfg.seed * 1000 + 32, vlm.image_processor, cfg.framing_max)
-    grid = cfg.image_size // cfg.patch_size
-    plain_targets = [patch_targets(s, grid) for s in plain[0]]
     rounds = []
     for r in range(first_round, cfg.framing_rounds):
-        history = framing_round(vlm, cfg, r, (*plain, plain_targets), plain_eval, framed_eval)
+        history = framing_round(vlm, cfg, r, plain, plain_eval, framed_eval)
         rounds.append({"round": r + 1, "history": history})
     vlm.model.requires_grad_(False)
     vlm.model.eval()
@@ -556,17 +565,12 @@ def framing_round(vlm: Service, cfg: TinyConfig, r: int, plain: tuple, plain_eva
     n_framed = round(cfg.batch_size * cfg.framing_share)
     history = [{"step": 0, **framing_eval(vlm, cfg, plain_eval, framed_eval)}]
     name = f"framing round {r + 1}"
-    tqdm.write(f"{name} step 0: " + "  ".join(f"{k} {v:.2f}" for k, v in history[-1].items() if k != "step"))
+    tqdm.write(f"{name} step 0: {scores(history[-1])}")
     bar = tqdm(range(cfg.framing_steps), desc=f"stage 3 ({name})")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.framing_steps, g["peak"], cfg.warmup)
-        families = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()), k=cfg.batch_size - n_framed)
-        p_idx = [pick_scenes(plain_scenes, family, 1, rng)[0] for family in families]
-        items = [
-            sample_dialogue(plain_scenes[i], family, rng, cfg.history_turns)
-            for i, family in zip(p_idx, families, strict=True)
-        ]
+        p_idx, items = sample_items(plain_scenes, cfg.batch_size - n_framed, rng, cfg.history_turns)
         families = rng.choices(list(FRAMED_WEIGHTS), weights=list(FRAMED_WEIGHTS.values()), k=n_framed)
         f_idx = [rng.randrange(len(framed_scenes)) for _ in families]
         items += [framed_dialogue(framed_scenes[i], family, rng) for i, family in zip(f_idx, families, strict=True)]
@@ -588,9 +592,7 @@ def framing_round(vlm: Service, cfg: TinyConfig, r: int, plain: tuple, plain_eva
             bar.set_postfix(lm=f"{out.loss.item():.3f}", heads=f"{head_loss.item():.3f}")
         if (step + 1) % cfg.framing_eval_every == 0 or step + 1 == cfg.framing_steps:
             history.append({"step": step + 1, **framing_eval(vlm, cfg, plain_eval, framed_eval)})
-            tqdm.write(
-                f"{name} step {step + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in history[-1].items() if k != "step")
-            )
+            tqdm.write(f"{name} step {step + 1}: {scores(history[-1])}")
     return history
 
 
@@ -633,7 +635,9 @@ def framing_from(cfg: TinyConfig, init: Path, out_dir: Path, first_round: int = 
     processor = InstructBlipProcessor.from_pretrained(init)
     train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, vlm.image_processor)
     eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, vlm.image_processor)
-    framing = framing_stage(vlm, cfg, (train_scenes, train_pix), (eval_scenes, eval_pix), first_round)
+    targets = [patch_targets(s, cfg.image_size // cfg.patch_size) for s in train_scenes]
+    plain = (train_scenes, train_pix, targets)
+    framing = framing_stage(vlm, cfg, plain, (eval_scenes, eval_pix), first_round)
     save(vlm, processor, out_dir)
     minutes = (time.time() - start) / 60
     for r in framing["rounds"]:
