@@ -53,7 +53,7 @@ def run(*args: str) -> str:
 def test_train_a_few_steps(tmp_path):
     out = tmp_path / "model"
     steps = ["--vit-steps", "3", "--qa-steps", "3", "--eval-every", "1000", "--warmup", "1", "--batch-size", "8"]
-    steps += ["--framing-steps", "2", "--framing-scenes", "16", "--framing-eval-every", "1000"]
+    steps += ["--framing-steps", "2", "--framing-scenes", "16", "--framing-eval-every", "1000", "--framing-rounds", "2"]
     stdout = run("-m", "blipdemo.tiny.train", "--out", str(out), "--train-scenes", "64", "--eval-scenes", "16", *steps)
     assert f"saved {out}" in stdout
     log = json.loads((out / "training_log.json").read_text())

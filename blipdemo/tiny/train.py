@@ -107,7 +107,7 @@ class TinyConfig:
     framing_scenes: int = 8000
     framing_max: float = 2.0  # canvas side / scene side, drawn uniformly in [1, framing_max]
     framing_share: float = 0.5  # of each stage-3 batch
-    framing_rounds: int = 2
+    framing_rounds: int = 4
     framing_eval_every: int = 250
     history_turns: int = 2  # earlier chat turns a question may come after (and the app keeps)
     seed: int = 0
