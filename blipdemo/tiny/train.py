@@ -25,8 +25,9 @@ Recipe (the numbers chose it; see the README):
 
 Stage 3 alone, from a saved checkpoint (what made the shipped one: see the README):
 
-    python -m blipdemo.tiny.train --init <stages 1-2 checkpoint> --framing-rounds 1 --out <dir>
-    python -m blipdemo.tiny.train --init <dir> --first-round 1 --out <dir 2>
+    python -m blipdemo.tiny.train --init <stages 1-2 checkpoint> --out <dir>            # all its rounds
+    python -m blipdemo.tiny.train --init <dir> --first-round N --framing-rounds M --out <dir 2>
+                                                         # from a checkpoint with N rounds done, up to round M
 
 Per-family exact-match accuracy on held-out scenes is logged as training goes (teacher-forced: every
 answer token is the argmax ⇔ greedy decoding returns exactly the answer).
@@ -177,6 +178,15 @@ def render_set(
     if images:
         chunks.append(processor(images=images, return_tensors="pt")["pixel_values"].half())
     return all_scenes, frames, torch.cat(chunks)
+
+
+def plain_sets(cfg: TinyConfig, processor) -> tuple[tuple, tuple]:
+    """Stages 1-2's scenes, as every stage uses them: (training scenes, their pixel values, their per-patch labels)
+    and (held-out scenes, their pixel values)."""
+    train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, processor)
+    eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, processor)
+    targets = [patch_targets(s, cfg.image_size // cfg.patch_size) for s in train_scenes]
+    return (train_scenes, train_pix, targets), (eval_scenes, eval_pix)
 
 
 def patch_targets(scene: scenes.Scene, grid: int, frame: Frame = Frame()) -> dict[str, torch.Tensor]:
@@ -427,10 +437,8 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
     vlm.image_processor = image_processor
     print(f"parameters: {sum(p.numel() for p in vlm.model.parameters()) / 1e6:.2f} M")
 
-    train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, image_processor)
-    eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, image_processor)
-    grid = cfg.image_size // cfg.patch_size
-    targets = [patch_targets(s, grid) for s in train_scenes]
+    plain, plain_eval = plain_sets(cfg, image_processor)
+    (train_scenes, train_pix, targets), (eval_scenes, eval_pix) = plain, plain_eval
     stacked = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
     print(f"rendered {len(train_scenes)} + {len(eval_scenes)} scenes in {time.time() - start:.0f} s")
 
@@ -487,7 +495,7 @@ def train(cfg: TinyConfig, out_dir: Path) -> dict:
             history.append({"step": step + 1, **accs})
             tqdm.write(f"step {step + 1}: {scores(accs)}")
 
-    framing = framing_stage(vlm, cfg, (train_scenes, train_pix, targets), (eval_scenes, eval_pix))
+    framing = framing_stage(vlm, cfg, plain, plain_eval)
     minutes = (time.time() - start) / 60
     # What the app reads to decide how many earlier turns go into a prompt (no special case for this model).
     vlm.config.blipdemo = {"history_turns": cfg.history_turns}
@@ -633,11 +641,7 @@ def framing_from(cfg: TinyConfig, init: Path, out_dir: Path, first_round: int = 
         raise ValueError(f"{init} has stage-3 rounds {[r['round'] for r in done]}, not the {first_round} asked for")
     vlm = load(str(init), dtype="float32")
     processor = InstructBlipProcessor.from_pretrained(init)
-    train_scenes, _, train_pix = render_set(cfg.train_scenes, cfg.seed * 1000 + 1, vlm.image_processor)
-    eval_scenes, _, eval_pix = render_set(cfg.eval_scenes, cfg.seed * 1000 + 2, vlm.image_processor)
-    targets = [patch_targets(s, cfg.image_size // cfg.patch_size) for s in train_scenes]
-    plain = (train_scenes, train_pix, targets)
-    framing = framing_stage(vlm, cfg, plain, (eval_scenes, eval_pix), first_round)
+    framing = framing_stage(vlm, cfg, *plain_sets(cfg, vlm.image_processor), first_round)
     save(vlm, processor, out_dir)
     minutes = (time.time() - start) / 60
     for r in framing["rounds"]:
