@@ -33,6 +33,7 @@ from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from . import kv_cache
+from .cpu_linear import linear_mode
 
 
 @dataclass(eq=False)
@@ -94,6 +95,7 @@ class RunningBatch:
         # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, then goes).
         renamed = "cache" in inspect.signature(type(self.lm).forward).parameters
         self.cache_kwarg = "cache" if renamed else "past_key_values"
+        self.transposed = service.transposed_linear  # float32 linears as (W · xᵀ)ᵀ where that pays (cpu_linear)
         self.steps = 0  # decode steps so far (the batching benchmark's staggered arrivals count them)
 
     def __len__(self) -> int:
@@ -112,7 +114,7 @@ class RunningBatch:
         if not live:
             return
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), linear_mode(self.transposed):
                 newcomers = self._prefill(live)
         except BaseException as e:
             for request in live:
@@ -135,7 +137,7 @@ class RunningBatch:
         if not self.rows:
             return
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), linear_mode(self.transposed):
                 self._step()
         except BaseException as e:
             self.fail(e)

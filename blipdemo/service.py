@@ -26,6 +26,7 @@ from transformers import TextIteratorStreamer
 from . import lm_attention
 from .attention import Explanation, MapSelection, explain_selections, map_selection
 from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
+from .cpu_linear import uses_transposed
 from .decoding import DecodingOptions
 from .embedding import text_ids
 from .heatmap import reduced
@@ -142,8 +143,12 @@ class Service:
         self.scheduler = None
         if max_batch_size > 1:
             self.scheduler = Scheduler(self, max_batch_size)
+        # Whether the decode loop computes float32 linear layers as (W · xᵀ)ᵀ (``cpu_linear``): measured at load,
+        # once per process, never by a request.
+        self.transposed_linear = False
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
+            self.transposed_linear = uses_transposed(model.language_model)
 
     # ----------------------------------------------------------------------------------------------
     # The model

@@ -16,6 +16,7 @@ import torch
 from reference import reference_answer
 
 import blipdemo
+from blipdemo import cpu_linear
 from blipdemo.batching import Request, Scheduler, run_batch
 
 PROMPTS = ["What is in the image?", "Describe it in detail, please, and say what colors you see.", "Where?"]
@@ -39,12 +40,19 @@ def _reference(folder, images, i, **options) -> str:
     return reference_answer(folder, images[i % len(images)], PROMPTS[i % len(PROMPTS)], **options)
 
 
+@pytest.mark.parametrize("linear", ["plain", "transposed"])
 @pytest.mark.parametrize("family,lm", COMBOS)
-def test_rows_of_a_batch_answer_as_the_transformers_reference_asked_alone(checkpoint_dir, images, family, lm):
+def test_rows_of_a_batch_answer_as_the_transformers_reference_asked_alone(
+    checkpoint_dir, images, family, lm, linear, monkeypatch
+):
     """Greedy rows with their own lengths, and rows with other decoding options in the same batch (a repetition
-    penalty, sampling with a seed): each answers as transformers' generate asked that question alone."""
+    penalty, sampling with a seed): each answers as transformers' generate asked that question alone — with the
+    LM's float32 linear layers computed as transformers does, and as (W · xᵀ)ᵀ (``cpu_linear``: the route chosen
+    on CPUs whose BLAS is slow for a few rows)."""
+    monkeypatch.setenv(cpu_linear.ENV, linear)
     folder = checkpoint_dir(family, lm)
     vlm = blipdemo.load(folder, dtype="float32")
+    assert vlm.transposed_linear == (linear == "transposed")
     lengths, minimums = [12, 5, 9, 12, 10], [12, None, 3, 6, None]
     options = [GREEDY, GREEDY, GREEDY, dict(GREEDY, repetition_penalty=1.5), dict(do_sample=True, top_p=0.8, seed=7)]
     requests = _requests(vlm, images, lengths, minimums, options)

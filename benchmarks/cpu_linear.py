@@ -1,0 +1,61 @@
+"""A float32 linear layer of a few rows, as ``F.linear`` computes it and as (W · xᵀ)ᵀ (``blipdemo/cpu_linear.py``).
+
+    python benchmarks/cpu_linear.py [--rows 1,2,4,8,16,64] [--shape 11008x4096]
+
+For each row count M: the median of 7 timings of ``F.linear(x, W)`` (x: (M, K), W: (N, K), float32, the LLaMA-7B
+MLP's shape by default) and of ``(W @ x.T).T``, and what ``cpu_linear.transposed_pays`` decides on this machine.
+Decoding feeds every linear layer one row per sequence in the batch: a step of 8 rows should cost about what a step
+of 1 costs (the weight is read once). The machine and its matmul peak come first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from speed import describe_machine, machine  # noqa: E402
+
+from blipdemo import cpu_linear  # noqa: E402
+
+
+def median_ms(fn, repeats: int = 7) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,64")
+    parser.add_argument("--shape", default="11008x4096", help="N x K of the weight")
+    args = parser.parse_args()
+    n, k = (int(v) for v in args.shape.lower().split("x"))
+    print(describe_machine(machine("cpu", torch.float32, (1024, 2048, 4096))))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=gen)
+    print(f"\nweight ({n}, {k}) float32; median of 7 (ms)\n")
+    print("| rows M | F.linear | (W · xᵀ)ᵀ | ratio |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for m in (int(v) for v in args.rows.split(",")):
+            x = torch.randn(m, k, generator=gen)
+            plain = median_ms(lambda x=x: F.linear(x, weight))
+            transposed = median_ms(lambda x=x: torch.matmul(weight, x.t()).t().contiguous())
+            print(f"| {m} | {plain:.1f} | {transposed:.1f} | {plain / transposed:.2f}× |")
+    print(f"\ncpu_linear.transposed_pays() on this machine: {cpu_linear.transposed_pays()}")
+
+
+if __name__ == "__main__":
+    main()
