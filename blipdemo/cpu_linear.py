@@ -3,14 +3,14 @@
 A decode step feeds each ``nn.Linear`` of the LM a few rows (one per sequence in the batch) against a large weight.
 Reading the weight should cost the same for 1 row as for 8: that is what batching is for. But on an AVX2-only AMD
 EPYC with PyTorch 2.13's MKL (2024.2), ``F.linear`` of (M, 4096) against an (11008, 4096) float32 weight took
-11 / 22 / 67 / 79 / 148 ms for M = 1 / 2 / 4 / 8 / 16 — the step time grew with the rows, and eight concurrent
-follow-ups gained almost nothing over one after another — while the same product computed as W · xᵀ (the weight
-as the GEMM's tall left operand, the rows as its few columns) took 12 / 12 / 13 / 21 / 44 ms, and at M = 64 (a
-prefill) 104 against 179 ms. Same float32 arithmetic, another order of summation: answers equal the plain path's
-except on exact near-ties (the tests compare greedy answers with transformers').
+9.8 / 19.5 / 54.4 / 72.3 / 78.7 ms for M = 1 / 2 / 4 / 8 / 16 (``benchmarks/cpu_linear.py``) — a decode step of 8
+rows took 982 ms against 159 for one, and batching gained little — while the same product computed as W · xᵀ (the
+weight as the GEMM's tall left operand, the rows as its few columns) took 9.6 / 11.4 / 10.9 / 18.6 / 44.8 ms, and
+at M = 64 (a prefill) 96 against 142 ms. Same float32 arithmetic, another order of summation: answers equal the
+plain path's except on exact near-ties (the tests compare greedy answers with transformers').
 
 Whether it pays is the machine's: ``transposed_pays`` times both on an LM-sized product once per process (~0.3 s),
-for float32 LMs on the CPU only (bfloat16 goes to oneDNN, which has no such gap; GPUs are not touched). The
+for float32 LMs on the CPU only (bfloat16 matmuls go to oneDNN, another path, left as it is; GPUs are not touched). The
 environment variable ``BLIPDEMO_CPU_LINEAR`` = ``transposed`` / ``plain`` overrides the measurement.
 
 ``TransposedLinear`` is a ``TorchFunctionMode``: entered around the decode loop's LM calls (``decode_loop.py``), in
