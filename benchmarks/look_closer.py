@@ -4,9 +4,10 @@
 
 - Version 3 pictures (small details: a Version 1 scene pasted whole into a canvas 3-6x larger, ``tiny/small_details``,
   drawn here from the spec and never used in training), per family (color, shape, count, exists): accuracy without
-  look-closer, and with it for every variant tried (how the place is found × how the box is drawn × what the LM reads:
-  ``look_closer.MAPS`` × ``BOXES`` × ``VIEWS``); the share of crops that contain the whole small scene; the share of
-  questions answered from the picture alone (no crop: the box would have been the whole picture);
+  look-closer, and with it for every variant tried (how the place is found × how the box is drawn × its least side ×
+  what the LM reads: ``look_closer.MAPS`` × ``BOXES`` × ``MIN_BOXES`` × ``VIEWS``); the share of crops that contain
+  the whole small scene; the share of questions answered from the picture alone (no crop: the box would have been
+  the whole picture);
 - Version 1/2 pictures (every family of ``tiny.evaluate``, as it draws them): accuracy without and with the default
   look-closer;
 - time per answer (greedy, as ``tiny.evaluate`` decodes) without and with the default, on the Version 3 pictures, in
@@ -37,7 +38,10 @@ SEED = 20261206  # Version 3 pictures: a seed training never used (training neve
 DECODING = evaluate.DECODING
 DEFAULT = LookCloser()
 VARIANTS = {  # name → LookCloser: the default first
-    "default (attention, mass box, 2 steps, crop)": DEFAULT,
+    "default (attention, mass box ≥ 3 inputs, 2 steps, crop)": DEFAULT,
+    "attention, mass box ≥ 1 input (before 2026-12-07), 2 steps, crop": LookCloser(min_box=1),
+    "attention, mass box ≥ 2 inputs, 2 steps, crop": LookCloser(min_box=2),
+    "attention, mass box ≥ 4 inputs, 2 steps, crop": LookCloser(min_box=4),
     "attention, mass box, 1 step, crop": LookCloser(steps=1),
     "attention, mass box, 3 steps, crop": LookCloser(steps=3),
     "attention, paper's adaptive box, 2 steps, crop": LookCloser(box="adaptive"),

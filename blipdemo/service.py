@@ -265,7 +265,7 @@ class Service:
         (question, answer) turns or chat messages. ``template`` as in ``ask``. ``maps``: None (no maps), or the map
         options of ``attention.map_selection`` as a dict (method, layers and heads of each hop), or a
         ``MapSelection``. ``look_closer``: False, True, or a dict of ``look_closer.LookCloser`` fields (view, map,
-        box, steps).
+        box, min_box, steps).
         ``decoding``: ``DecodingOptions`` fields. Every error a user can cause is raised here
         (``ValueError`` naming the parameter and its range, ``ImageError``, ``TypeError`` for an unknown option),
         the cheap checks before the image is decoded.

@@ -187,9 +187,12 @@ def test_the_embedded_model_finds_the_small_scene_and_answers_most_only_when_it_
             x0, y0, x1, y1 = inputs.crop.box
             sx0, sy0, sx1, sy1 = detail.box
             inside += x0 <= (sx0 + sx1) / 2 <= x1 and y0 <= (sy0 + sy1) / 2 <= y1
-    # Measured on these 40 (float32, 2026-12-07, the model after four rounds of stage 3): 18 right from the picture
-    # alone, 37 with look-closer, 20 of them only with it, 38 crops around the scene's centre (after two rounds:
-    # 15, 37, 23, 36). The bounds leave room for another CPU's rounding.
+            least = LookCloser().min_box * tiny.config.vision_config.image_size  # 3 × 108 px
+            assert min(x1 - x0, y1 - y0) >= least - 1, "every box is at least min_box input sizes on its shorter side"
+    # Measured on these 40 (float32, 2026-12-07, the model after four rounds of stage 3, boxes of at least 3 input
+    # sizes): 18 right from the picture alone, 39 with look-closer, 21 of them only with it, 40 crops around the
+    # scene's centre (boxes of at least 1 input size: 18, 37, 20, 38; after two rounds: 15, 37, 23, 36). The bounds
+    # leave room for another CPU's rounding.
     assert only_closer >= 15, "look-closer must answer the small details the picture alone gets wrong"
     assert closer_right >= 0.8 * len(details) and closer_right > plain_right
     assert inside >= 0.8 * len(details), "the crop should frame the small scene's centre for most pictures"
@@ -313,6 +316,8 @@ def test_bad_look_closer_options_are_refused_before_any_model_work(tiny):
         ({"view": "zoom"}, "view"),
         ({"map": "x"}, "map"),
         ({"size": 2}, "unknown"),
+        ({"min_box": 5}, "min_box"),
+        ({"min_box": True}, "min_box"),
     ]:
         with pytest.raises(ValueError, match=words):
             tiny.question(image, "What color is the circle?", look_closer=bad)
@@ -341,7 +346,7 @@ def test_the_look_closer_question_pickles_whole(tiny):
 
 def test_the_module_says_which_variants_exist():
     assert LookCloser().view in look_closer.VIEWS and LookCloser().map in look_closer.MAPS
-    assert LookCloser().box in look_closer.BOXES
+    assert LookCloser().box in look_closer.BOXES and LookCloser().min_box in look_closer.MIN_BOXES
 
 
 # ------------------------------------------------------------------------------------------------------------------

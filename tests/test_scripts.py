@@ -287,7 +287,7 @@ def test_look_closer_benchmark_short():
     stdout = run("benchmarks/look_closer.py", "--per-family", "2", "--v12-per-family", "1", "--only-default")
     assert stdout.startswith("machine: ") and "matmul peak" in stdout
     assert "| Version 3 (2 pictures per family) | color | shape | count | exists |" in stdout
-    for row in ("without look-closer", "default (attention, mass box, 2 steps, crop)"):
+    for row in ("without look-closer", "default (attention, mass box ≥ 3 inputs, 2 steps, crop)"):
         assert re.search(rf"\| {re.escape(row)} \|( \d+\.\d% \|){{4}}", stdout), row
     assert re.search(r"with look-closer \(default\) \d+ ms: \d+\.\d\dx", stdout)
     for row in ("color", "where", "describe", "follow-up"):
