@@ -150,13 +150,15 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
     def levels(self) -> torch.Tensor:
-        """The int levels (N, K) 0..15 back from the packed weight (the layout of PyTorch's AVX512 kernel)."""
-        if not _int4_layout_known():
+        """The int levels (N, K) 0..15 back from the packed weight (the layouts of PyTorch's AVX-512 and AVX2
+        kernels)."""
+        block = _int4_block()
+        if block is None:
             raise RuntimeError(
                 "This torch packs int4 weights in a layout blipdemo cannot read back, so int4 layers pass no "
                 "gradient here (method='relevancy' needs one): load with load_in_8bit=True instead."
             )
-        return _unpack_int4(self.weight, self.out_features, self.in_features)
+        return _unpack_int4(self.weight, self.out_features, self.in_features, block)
 
     def dequantize(self) -> torch.Tensor:
         sz = self.scales_and_zeros.transpose(0, 1)  # (N, G, 2)
@@ -193,18 +195,23 @@ def int4_dequantize(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((q - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
 
 
-def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """(N, K) uint8 levels from ``_convert_weight_to_int4pack_for_cpu``'s AVX512 layout: rows in blocks of 64 stored
-    as (K, 32) bytes, byte d < 16 holding rows d (low nibble) and d + 32 (high), byte 16 + d rows d + 16 and d + 48;
-    a last block of fewer rows as (K, rows/2) bytes holding rows 2j (low) and 2j + 1 (high)."""
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int = 64) -> torch.Tensor:
+    """(N, K) uint8 levels from ``_convert_weight_to_int4pack_for_cpu``'s layout, which depends on the CPU kernel
+    torch picked: rows in blocks of ``block`` (64 with AVX-512, 32 with AVX2 only) stored as (K, block/2) bytes —
+    block 64: byte d < 16 holds rows d (low nibble) and d + 32 (high), byte 16 + d rows d + 16 and d + 48; block 32:
+    byte d holds rows d (low) and d + 16 (high) — and a last block of fewer rows as (K, rows/2) bytes holding rows
+    2j (low) and 2j + 1 (high)."""
     flat = packed.reshape(-1)
     out = torch.empty(n, k, dtype=torch.uint8)
-    full = n // 64 * 64
+    full = n // block * block
     if full:
-        b = flat[: full * k // 2].view(n // 64, k, 32)
+        b = flat[: full * k // 2].view(n // block, k, block // 2)
         lo, hi = b & 15, b >> 4
-        block = torch.cat([lo[..., :16], lo[..., 16:], hi[..., :16], hi[..., 16:]], dim=-1)  # (N/64, K, 64)
-        out[:full] = block.permute(0, 2, 1).reshape(full, k)
+        if block == 64:
+            rows = torch.cat([lo[..., :16], lo[..., 16:], hi[..., :16], hi[..., 16:]], dim=-1)  # (N/64, K, 64)
+        else:
+            rows = torch.cat([lo, hi], dim=-1)  # (N/32, K, 32)
+        out[:full] = rows.permute(0, 2, 1).reshape(full, k)
     if n > full:
         b = flat[full * k // 2 :].view(k, (n - full) // 2)
         out[full:] = torch.stack([b & 15, b >> 4], dim=-1).reshape(k, n - full).T
@@ -212,11 +219,14 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 @functools.cache
-def _int4_layout_known() -> bool:
-    """Whether ``_unpack_int4`` reads this torch's packing back (a full block of 64 rows and a tail of 16)."""
+def _int4_block() -> int | None:
+    """The row block ``_unpack_int4`` reads this torch's packing back with (full blocks and a tail of 16 rows), or
+    None when neither known layout does."""
     q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed.shape == (80, 32) and torch.equal(_unpack_int4(packed, 80, 64).int(), q)
+    if packed.shape != (80, 32):
+        return None
+    return next((b for b in (64, 32) if torch.equal(_unpack_int4(packed, 80, 64, b).int(), q)), None)
 
 
 def _works(layer: _QuantizedLinear, reference: torch.Tensor) -> bool:
