@@ -114,7 +114,7 @@ class RunningBatch:
         if not live:
             return
         try:
-            with torch.inference_mode(), linear_mode(self.transposed):
+            with torch.inference_mode():
                 newcomers = self._prefill(live)
         except BaseException as e:
             for request in live:
@@ -137,7 +137,7 @@ class RunningBatch:
         if not self.rows:
             return
         try:
-            with torch.inference_mode(), linear_mode(self.transposed):
+            with torch.inference_mode():
                 self._step()
         except BaseException as e:
             self.fail(e)
@@ -169,13 +169,14 @@ class RunningBatch:
                 start = lm.config.decoder_start_token_id
             decoder_ids = torch.full((len(requests), 1), start, dtype=torch.long, device=embeds.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = lm(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                decoder_input_ids=decoder_ids,
-                use_cache=True,
-                **{self.cache_kwarg: cache},
-            )
+            with linear_mode(self.transposed):  # the LM only: image tokens stay what every other path makes
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    decoder_input_ids=decoder_ids,
+                    use_cache=True,
+                    **{self.cache_kwarg: cache},
+                )
             new.encoder, new.encoder_mask = out.encoder_last_hidden_state, mask
             new.mask = torch.ones((len(requests), 1), dtype=mask.dtype, device=mask.device)
             sequences = [decoder_ids[i : i + 1] for i in range(len(requests))]  # [start]
@@ -184,14 +185,15 @@ class RunningBatch:
             positions.masked_fill_(mask == 0, 1)
             cache = DynamicCache()
             extra = {"logits_to_keep": 1} if lm._supports_logits_to_keep() else {}
-            out = lm(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self.cache_kwarg: cache},
-                **extra,
-            )
+            with linear_mode(self.transposed):
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self.cache_kwarg: cache},
+                    **extra,
+                )
             new.mask = mask
             sequences = [ids[i : i + 1, mask[i].bool()] for i in range(len(requests))]  # [placeholders ; prompt]
         new.cache = cache  # filled in place by the forward
@@ -215,24 +217,25 @@ class RunningBatch:
         device = self.mask.device
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], 1)
         tokens = self.tokens.to(device)[:, None]  # (B, 1)
-        if self.encoder_decoder:
-            out = lm(
-                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
-                attention_mask=self.encoder_mask,
-                decoder_input_ids=tokens,
-                decoder_attention_mask=self.mask,
-                use_cache=True,
-                **{self.cache_kwarg: self.cache},
-            )
-        else:
-            positions = (self.mask.cumsum(-1) - 1)[:, -1:]  # (B, 1): each row's own position, padding not counted
-            out = lm(
-                input_ids=tokens,
-                attention_mask=self.mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self.cache_kwarg: self.cache},
-            )
+        with linear_mode(self.transposed):
+            if self.encoder_decoder:
+                out = lm(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
+                    attention_mask=self.encoder_mask,
+                    decoder_input_ids=tokens,
+                    decoder_attention_mask=self.mask,
+                    use_cache=True,
+                    **{self.cache_kwarg: self.cache},
+                )
+            else:
+                positions = (self.mask.cumsum(-1) - 1)[:, -1:]  # (B, 1): each row's own position, no padding
+                out = lm(
+                    input_ids=tokens,
+                    attention_mask=self.mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self.cache_kwarg: self.cache},
+                )
         self.steps += 1  # self.cache grew in place
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, V)
         del out

@@ -410,9 +410,10 @@ def test_relevancy_maps_equal_chefer_et_al_on_the_transformers_model(
     inputs = vlm.prepare(vlm.question(images[0], PROMPT))
     ours = explain_answer(vlm, inputs, answer, "red green", method="relevancy")
     assert len(ours.tokens) == len(answer) > 1
-    # atol as asked; rtol 1e-4 (relative float32 rounding, the gradient test's): T5's longer path
-    # (encoder rollout times decoder rollout, then normalized) amplifies float32 rounding to ~1.3e-5 on maps ~0.1.
-    tol = {"atol": 1e-5, "rtol": 1e-4}
+    # atol as asked; rtol 5e-4: T5's longer path (encoder rollout times decoder rollout, then normalized) amplifies
+    # float32 rounding to ~1.3e-5 on maps ~0.1 with AVX-512 kernels, 2.5e-5 on 0.113 with an AVX2-only CPU's
+    # (2026-12-07). A wrong target or hop differs by > 0.05 (checked above).
+    tol = {"atol": 1e-5, "rtol": 5e-4}
     np.testing.assert_allclose(ours.token_maps.reshape(len(answer), -1), expected, **tol)
     np.testing.assert_allclose(ours.query_weights, expected_weights, **tol)
 
