@@ -11,9 +11,7 @@ of 1 costs (the weight is read once). The machine and its matmul peak come first
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,19 +20,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from speed import describe_machine, machine  # noqa: E402
+from speed import describe_machine, machine, median_time  # noqa: E402
 
 from blipdemo import cpu_linear  # noqa: E402
-
-
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -51,8 +39,8 @@ def main() -> None:
     with torch.inference_mode():
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, generator=gen)
-            plain = median_ms(lambda x=x: F.linear(x, weight))
-            transposed = median_ms(lambda x=x: torch.matmul(weight, x.t()).t().contiguous())
+            plain = 1e3 * median_time(lambda x=x: F.linear(x, weight), 7)
+            transposed = 1e3 * median_time(lambda x=x: torch.matmul(weight, x.t()).t().contiguous(), 7)
             print(f"| {m} | {plain:.1f} | {transposed:.1f} | {plain / transposed:.2f}× |")
     print(f"\ncpu_linear.transposed_pays() on this machine: {cpu_linear.transposed_pays()}")
 
