@@ -168,8 +168,8 @@ def main() -> None:
         print(
             f"checkpoint: InstructBLIP, {'toy' if args.tiny else 'full-size ViT-g + Q-Former, LLaMA-7B-shaped'} LM "
             f"cut to 2 layers, {dtype}; follow-up questions, greedy, {args.tokens} new tokens each; "
-            f"{args.repeats} repetitions after a warm-up; float32 linear layers as "
-            f"{'(W · xᵀ)ᵀ' if batched.transposed_linear else 'F.linear'} (blipdemo/cpu_linear.py)"
+            f"{args.repeats} repetitions after a warm-up; the decode loop's float32 linear layers: "
+            f"{batched.cpu_linear.describe()} (blipdemo/cpu_linear.py)"
         )
         bench = Bench(single, batched, args.tokens, args.stagger, max(sizes))
         bench.in_turn(1), bench.ours(min(2, max(sizes)), None)  # warm-up

@@ -1,9 +1,10 @@
-"""A float32 linear layer of a few rows, as ``F.linear`` computes it and as (W · xᵀ)ᵀ (``blipdemo/cpu_linear.py``).
+"""A float32 linear layer of a few rows: ``F.linear``, (W · xᵀ)ᵀ and oneDNN (``blipdemo/cpu_linear.py``).
 
     python benchmarks/cpu_linear.py [--rows 1,2,4,8,16,64] [--shape 11008x4096]
 
 For each row count M: the median of 7 timings of ``F.linear(x, W)`` (x: (M, K), W: (N, K), float32, the LLaMA-7B
-MLP's shape by default) and of ``(W @ x.T).T``, and what ``cpu_linear.transposed_pays`` decides on this machine.
+MLP's shape by default), of ``(W @ x.T).T`` and of oneDNN's inner product, and the routes ``cpu_linear`` chooses on
+this machine for a float32 LM.
 Decoding feeds every linear layer one row per sequence in the batch: a step of 8 rows should cost about what a step
 of 1 costs (the weight is read once). The machine and its matmul peak come first.
 """
@@ -35,14 +36,18 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(n, k, generator=gen)
     print(f"\nweight ({n}, {k}) float32; median of 7 (ms)\n")
-    print("| rows M | F.linear | (W · xᵀ)ᵀ | ratio |\n|---|---|---|---|")
+    onednn = cpu_linear.onednn_works()
+    print("| rows M | F.linear | (W · xᵀ)ᵀ | oneDNN |\n|---|---|---|---|")
     with torch.inference_mode():
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, generator=gen)
             plain = 1e3 * median_time(lambda x=x: F.linear(x, weight), 7)
-            transposed = 1e3 * median_time(lambda x=x: torch.matmul(weight, x.t()).t().contiguous(), 7)
-            print(f"| {m} | {plain:.1f} | {transposed:.1f} | {plain / transposed:.2f}× |")
-    print(f"\ncpu_linear.transposed_pays() on this machine: {cpu_linear.transposed_pays()}")
+            transposed = 1e3 * median_time(lambda x=x: cpu_linear._transposed(x, weight, None), 7)
+            fused = f"{1e3 * median_time(lambda x=x: cpu_linear._onednn(x, weight, None), 7):.1f}" if onednn else "–"
+            print(f"| {m} | {plain:.1f} | {transposed:.1f} | {fused} |")
+    lm = torch.nn.Module()
+    lm.get_output_embeddings = lambda: torch.nn.Linear(4, 4)
+    print(f"\nroutes cpu_linear chooses on this machine for a float32 LM: {cpu_linear.routes_for(lm).describe()}")
 
 
 if __name__ == "__main__":

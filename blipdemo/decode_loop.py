@@ -95,7 +95,6 @@ class RunningBatch:
         # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, then goes).
         renamed = "cache" in inspect.signature(type(self.lm).forward).parameters
         self.cache_kwarg = "cache" if renamed else "past_key_values"
-        self.transposed = service.transposed_linear  # float32 linears as (W · xᵀ)ᵀ where that pays (cpu_linear)
         self.steps = 0  # decode steps so far (the batching benchmark's staggered arrivals count them)
 
     def __len__(self) -> int:
@@ -169,7 +168,7 @@ class RunningBatch:
                 start = lm.config.decoder_start_token_id
             decoder_ids = torch.full((len(requests), 1), start, dtype=torch.long, device=embeds.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            with linear_mode(self.transposed):  # the LM only: image tokens stay what every other path makes
+            with linear_mode(self.service.cpu_linear):  # the LM only: image tokens stay what every other path makes
                 out = lm(
                     inputs_embeds=embeds,
                     attention_mask=mask,
@@ -185,7 +184,7 @@ class RunningBatch:
             positions.masked_fill_(mask == 0, 1)
             cache = DynamicCache()
             extra = {"logits_to_keep": 1} if lm._supports_logits_to_keep() else {}
-            with linear_mode(self.transposed):
+            with linear_mode(self.service.cpu_linear):
                 out = lm(
                     inputs_embeds=embeds,
                     attention_mask=mask,
@@ -217,7 +216,7 @@ class RunningBatch:
         device = self.mask.device
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], 1)
         tokens = self.tokens.to(device)[:, None]  # (B, 1)
-        with linear_mode(self.transposed):
+        with linear_mode(self.service.cpu_linear):
             if self.encoder_decoder:
                 out = lm(
                     encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),

@@ -26,7 +26,7 @@ from transformers import TextIteratorStreamer
 from . import lm_attention
 from .attention import Explanation, MapSelection, explain_selections, map_selection
 from .batching import PreparedInputs, Request, Scheduler, SchedulerError, after_fork_in_child, run_batch
-from .cpu_linear import uses_transposed
+from .cpu_linear import PLAIN, routes_for
 from .decoding import DecodingOptions
 from .embedding import text_ids
 from .heatmap import reduced
@@ -143,12 +143,12 @@ class Service:
         self.scheduler = None
         if max_batch_size > 1:
             self.scheduler = Scheduler(self, max_batch_size)
-        # Whether the decode loop computes float32 linear layers as (W · xᵀ)ᵀ (``cpu_linear``): measured at load,
-        # once per process, never by a request.
-        self.transposed_linear = False
+        # How the decode loop computes float32 linear layers (``cpu_linear``): measured at load, once per process,
+        # never by a request.
+        self.cpu_linear = PLAIN
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
-            self.transposed_linear = uses_transposed(model.language_model)
+            self.cpu_linear = routes_for(model.language_model)
 
     # ----------------------------------------------------------------------------------------------
     # The model

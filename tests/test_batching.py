@@ -40,19 +40,19 @@ def _reference(folder, images, i, **options) -> str:
     return reference_answer(folder, images[i % len(images)], PROMPTS[i % len(PROMPTS)], **options)
 
 
-@pytest.mark.parametrize("linear", ["plain", "transposed"])
+@pytest.mark.parametrize("linear", ["plain", "transposed", "onednn"])
 @pytest.mark.parametrize("family,lm", COMBOS)
 def test_rows_of_a_batch_answer_as_the_transformers_reference_asked_alone(
     checkpoint_dir, images, family, lm, linear, monkeypatch
 ):
     """Greedy rows with their own lengths, and rows with other decoding options in the same batch (a repetition
     penalty, sampling with a seed): each answers as transformers' generate asked that question alone — with the
-    LM's float32 linear layers computed as transformers does, and as (W · xᵀ)ᵀ (``cpu_linear``: the route chosen
-    on CPUs whose BLAS is slow for a few rows)."""
+    LM's float32 linear layers computed as transformers does, as (W · xᵀ)ᵀ and by oneDNN (``cpu_linear``: the
+    routes chosen on CPUs whose BLAS is slow for a few rows)."""
     monkeypatch.setenv(cpu_linear.ENV, linear)
     folder = checkpoint_dir(family, lm)
     vlm = blipdemo.load(folder, dtype="float32")
-    assert vlm.transposed_linear == (linear == "transposed")
+    assert vlm.cpu_linear == cpu_linear.Routes(linear, linear)
     lengths, minimums = [12, 5, 9, 12, 10], [12, None, 3, 6, None]
     options = [GREEDY, GREEDY, GREEDY, dict(GREEDY, repetition_penalty=1.5), dict(do_sample=True, top_p=0.8, seed=7)]
     requests = _requests(vlm, images, lengths, minimums, options)
