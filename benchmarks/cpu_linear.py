@@ -46,8 +46,9 @@ def main() -> None:
             fused = f"{1e3 * median_time(lambda x=x: cpu_linear._onednn(x, weight, None), 7):.1f}" if onednn else "–"
             print(f"| {m} | {plain:.1f} | {transposed:.1f} | {fused} |")
     lm = torch.nn.Module()
-    lm.get_output_embeddings = lambda: torch.nn.Linear(4, 4)
-    print(f"\nroutes cpu_linear chooses on this machine for a float32 LM: {cpu_linear.routes_for(lm).describe()}")
+    lm.get_output_embeddings = lambda: torch.nn.Linear(k, 4)  # only the head's width and dtype are read
+    routes = cpu_linear.routes_for(lm)
+    print(f"\nroutes cpu_linear chooses on this machine for a float32 LM {k} wide: {routes.describe()}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ compare greedy answers with transformers'):
   call; the weight is read in place, not copied) — on a decode step of the full-size LM, 2 layers and the head,
   about a fifth faster than ``transposed`` for 1 and for 8 rows, and no faster for the many rows of a prefill.
 
-Which pays is the machine's, so it is measured once per process (~1 s), for float32 LMs on the CPU only (bfloat16
-matmuls already go to oneDNN, left as they are; GPUs are not touched): rows beyond ``FEW_ROWS`` (prefills) take
-``transposed`` where it takes at most ``PAYS`` of plain's time (4 rows against a 4096² weight), else the plain path;
-up to ``FEW_ROWS`` rows (decode steps) take ``onednn`` where, on 1 and 8 rows together against LLaMA-7B's MLP
-weight, it is at least 10% faster than the plain path, or no slower than ``transposed`` where that was chosen (on
-that machine it took 0.76–0.96 of ``transposed``'s time, the spread of a shared machine). The
+Which pays is the machine's, so it is measured once per process (~1 s), for float32 LMs at least ``MIN_WIDTH``
+wide on the CPU only (bfloat16 matmuls already go to oneDNN, left as they are; GPUs are not touched): rows beyond
+``FEW_ROWS`` (prefills) take ``transposed`` where it takes at most ``PAYS`` of plain's time (4 rows against a 4096²
+weight), else the plain path; up to ``FEW_ROWS`` rows (decode steps) take ``onednn`` where, on 1 and 8 rows together
+against LLaMA-7B's MLP weight, it is at least 10% faster than the plain path, or no slower than ``transposed`` where
+that was chosen (on that machine it took 0.76–0.96 of ``transposed``'s time, the spread of a shared machine). The
 environment variable ``BLIPDEMO_CPU_LINEAR`` = ``plain`` / ``transposed`` / ``onednn`` puts every row count on one
-route instead of measuring.
+route instead of measuring, whatever the LM's width.
 
 ``CpuLinear`` is a ``TorchFunctionMode``: entered around the decode loop's LM calls (``decode_loop.py``), in the
 thread that runs them (modes are per thread), it reroutes ``F.linear`` with a float32 CPU weight and leaves every
@@ -47,6 +47,11 @@ PAYS = 0.7  # the transposed product is used where it takes at most this share o
 # oneDNN is used for few rows where it takes at most this share of the plain path's time, or is no slower than the
 # transposed product (both leave transformers' path already: no margin for leaving it is needed between them).
 ONEDNN_PAYS = {"plain": 0.9, "transposed": 1.0}
+# Narrower LMs stay on the plain path under "auto": the mode's Python dispatch (every torch call of the forward passes
+# through ``__torch_function__``, ~10-20 µs each) then costs more than any product saves — the embedded model
+# (256 wide) answered 24 tokens in 69-73 ms plain and 110-124 ms on either route on the AVX2 EPYC. The published LMs
+# are 2048 (Flan-T5-XL) to 5120 wide.
+MIN_WIDTH = 1024
 FEW_ROWS = 32  # a decode step's rows (one per sequence in the batch); a prefill has (queries + prompt) per sequence
 
 
@@ -186,7 +191,7 @@ def onednn_pays(other: str) -> bool:
 
 def routes_for(lm) -> Routes:
     """The routes of this LM's decode loop (see the module's docstring): plain unless its weights are float32 on
-    the CPU; the environment's choice, or what this machine measures."""
+    the CPU; the environment's choice, or what this machine measures (plain for LMs narrower than ``MIN_WIDTH``)."""
     choice = os.environ.get(ENV, "auto").strip().lower()
     if choice not in ("auto", *ROUTES):
         raise ValueError(f"{ENV} must be auto, {', '.join(ROUTES)}, got {choice!r}")
@@ -198,6 +203,8 @@ def routes_for(lm) -> Routes:
         raise ValueError(f"{ENV}=onednn, but this PyTorch build has no oneDNN inner product")
     if choice != "auto":
         return Routes(choice, choice)
+    if weight.shape[1] < MIN_WIDTH:
+        return PLAIN
     many = "transposed" if transposed_pays() else "plain"
     return Routes("onednn" if onednn_pays(many) else many, many)
 

@@ -82,8 +82,12 @@ def test_the_choice_follows_the_environment_and_only_float32_cpu_lms(monkeypatch
     monkeypatch.setenv(cpu_linear.ENV, "plain")
     assert cpu_linear.routes_for(lm).plain
     monkeypatch.setenv(cpu_linear.ENV, "auto")
+    assert cpu_linear.routes_for(lm).plain  # 4 wide: the mode's dispatch would cost more than it saves
+    wide = torch.nn.Linear(cpu_linear.MIN_WIDTH, 4)
+    lm.get_output_embeddings = lambda: wide
     measured = cpu_linear.routes_for(lm)
     assert measured.many in ("plain", "transposed") and measured.few in (measured.many, "onednn")
+    lm.get_output_embeddings = lambda: head
     monkeypatch.setenv(cpu_linear.ENV, "transposed")
     head.to(torch.bfloat16)
     assert cpu_linear.routes_for(lm).plain  # bfloat16 goes to oneDNN already: never rerouted
