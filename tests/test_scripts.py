@@ -303,3 +303,12 @@ def test_soak_short():
     sent = {kind: int(n) for kind, n, _ in re.findall(r"\n\| (chat|stop|vanish|hostile) \| (\d+) \| (\d+) \|", stdout)}
     assert all(sent.get(kind) for kind in ("chat", "stop", "vanish", "hostile")), stdout
     assert "errors by kind: none" in stdout and "the server stayed up" in stdout, stdout
+
+
+def test_cpu_linear_benchmark_small():
+    stdout = run("benchmarks/cpu_linear.py", "--rows", "1,3", "--shape", "64x32")
+    assert stdout.startswith("machine: ") and "matmul peak" in stdout
+    for m in (1, 3):  # F.linear, (W · xᵀ)ᵀ, oneDNN (or – where this build has none)
+        assert re.search(rf"\n\| {m} \| [\d.]+ \| [\d.]+ \| ([\d.]+|–) \|", stdout), m
+    # 32 wide: narrower than MIN_WIDTH, so the plain path whatever this machine measures
+    assert "routes cpu_linear chooses on this machine for a float32 LM 32 wide: plain" in stdout
