@@ -48,9 +48,9 @@ PAYS = 0.7  # the transposed product is used where it takes at most this share o
 # transposed product (both leave transformers' path already: no margin for leaving it is needed between them).
 ONEDNN_PAYS = {"plain": 0.9, "transposed": 1.0}
 # Narrower LMs stay on the plain path under "auto": the mode's Python dispatch (every torch call of the forward passes
-# through ``__torch_function__``, ~10-20 µs each) then costs more than any product saves — the embedded model
-# (256 wide) answered 24 tokens in 69-73 ms plain and 110-124 ms on either route on the AVX2 EPYC. The published LMs
-# are 2048 (Flan-T5-XL) to 5120 wide.
+# through ``__torch_function__``) then costs more than any product saves — the embedded model (256 wide) answered 24
+# tokens in 69-73 ms plain and 110-124 ms on either route on the AVX2 EPYC, ~2 ms more a step. The published LMs are
+# 2048 (Flan-T5-XL) to 5120 wide.
 MIN_WIDTH = 1024
 FEW_ROWS = 32  # a decode step's rows (one per sequence in the batch); a prefill has (queries + prompt) per sequence
 

@@ -149,6 +149,7 @@ class Service:
         if model.language_model is not None:
             lm_attention.install(model.language_model)  # once, before any request: maps never switch it later
             self.cpu_linear = routes_for(model.language_model)
+        self.load_info["cpu_linear"] = self.cpu_linear.describe()  # what the measurement chose, for operators
 
     # ----------------------------------------------------------------------------------------------
     # The model

@@ -52,7 +52,7 @@ def test_rows_of_a_batch_answer_as_the_transformers_reference_asked_alone(
     monkeypatch.setenv(cpu_linear.ENV, linear)
     folder = checkpoint_dir(family, lm)
     vlm = blipdemo.load(folder, dtype="float32")
-    assert vlm.cpu_linear == cpu_linear.Routes(linear, linear)
+    assert vlm.cpu_linear == cpu_linear.Routes(linear, linear) and vlm.load_info["cpu_linear"] == linear
     lengths, minimums = [12, 5, 9, 12, 10], [12, None, 3, 6, None]
     options = [GREEDY, GREEDY, GREEDY, dict(GREEDY, repetition_penalty=1.5), dict(do_sample=True, top_p=0.8, seed=7)]
     requests = _requests(vlm, images, lengths, minimums, options)
