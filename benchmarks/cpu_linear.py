@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -41,10 +40,13 @@ def main() -> None:
     with torch.inference_mode():
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, generator=gen)
-            plain = 1e3 * median_time(lambda x=x: F.linear(x, weight), 7)
-            transposed = 1e3 * median_time(lambda x=x: cpu_linear._transposed(x, weight, None), 7)
-            fused = f"{1e3 * median_time(lambda x=x: cpu_linear._onednn(x, weight, None), 7):.1f}" if onednn else "–"
-            print(f"| {m} | {plain:.1f} | {transposed:.1f} | {fused} |")
+            cells = [
+                f"{1e3 * median_time(lambda x=x, p=cpu_linear.PRODUCTS[route]: p(x, weight, None), 7):.1f}"
+                if route != "onednn" or onednn
+                else "–"
+                for route in ("plain", "transposed", "onednn")
+            ]
+            print(f"| {m} | {' | '.join(cells)} |")
     lm = torch.nn.Module()
     lm.get_output_embeddings = lambda: torch.nn.Linear(k, 4)  # only the head's width and dtype are read
     routes = cpu_linear.routes_for(lm)

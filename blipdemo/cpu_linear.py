@@ -122,6 +122,10 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# Each route's product, (x, W, b) → x · Wᵀ + b, as the load-time measurements and the benchmark time them.
+PRODUCTS = {"plain": F.linear, "transposed": _transposed, "onednn": _onednn}
+
+
 def _plain_float32_cpu(t) -> bool:
     # Exactly a tensor or a Parameter: subclasses (bitsandbytes' Int8Params, Params4bit, …) keep their own path.
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
@@ -143,9 +147,8 @@ def _time_route(route: str, rows: int) -> float:
     seconds."""
     gen = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(4096, 4096, generator=gen), torch.randn(rows, 4096, generator=gen)
-    product = {"plain": F.linear, "transposed": _transposed, "onednn": _onednn}[route]
     with torch.inference_mode():
-        return _best(lambda: product(x, weight, None))
+        return _best(lambda: PRODUCTS[route](x, weight, None))
 
 
 @functools.cache
@@ -171,7 +174,7 @@ def onednn_pays(other: str) -> bool:
     process: the two routes' timings interleaved (a shared machine's slow moments hit both), the best of 5 each."""
     if not onednn_works():
         return False
-    products = {"onednn": _onednn, other: {"plain": F.linear, "transposed": _transposed}[other]}
+    products = {route: PRODUCTS[route] for route in ("onednn", other)}
     gen = torch.Generator().manual_seed(0)
     weight = torch.empty(11008, 4096).uniform_(-0.02, 0.02, generator=gen)
     best: dict[tuple[str, int], float] = {}
